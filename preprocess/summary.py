@@ -1,0 +1,37 @@
+"""`info`: a plain-text summary of a cache: counts, shape, options and failures."""
+from __future__ import annotations
+
+from collections import Counter
+
+from preprocess.cache import SPLIT_NAMES, CacheReader
+
+
+def describe_cache(reader: CacheReader) -> str:
+    """Counts per class and per split, the preprocessing options, and every failed file."""
+    attrs = reader.attributes
+    labels = reader.labels
+    class_names = reader.class_names
+    lines = [
+        f"cache        {reader.path}",
+        f"format       {attrs['format']} schema {attrs['schema_version']} "
+        f"(package {attrs.get('package_version', '?')}, created {attrs.get('created_utc', '?')})",
+        f"fingerprint  {reader.fingerprint}",
+        f"scans        {len(reader)}  (normal {int((labels == 0).sum())}, abnormal {int((labels == 1).sum())})",
+        "classes      " + ", ".join(f"{name} {count}" for name, count in sorted(Counter(class_names).items())),
+        f"shape        {' x '.join(map(str, reader.shape))} float32 in [0, 1]",
+        f"HU window    [{attrs['hu_min']:g}, {attrs['hu_max']:g}]",
+        f"orientation  {attrs['orientation']}",
+        f"resampling   {attrs['resample_method']}",
+        f"splits       seed {attrs['seed']}, val {attrs['val_fraction']:g}, test {attrs['test_fraction']:g}",
+    ]
+    for name in SPLIT_NAMES:
+        rows = reader.split(name)
+        split_labels = labels[rows]
+        lines.append(
+            f"  {name:<5}      {len(rows):>5}  (normal {int((split_labels == 0).sum())}, "
+            f"abnormal {int((split_labels == 1).sum())})"
+        )
+    failures = reader.failures()
+    lines.append(f"failures     {len(failures)}")
+    lines += [f"  {failure.source_path}: {failure.reason}" for failure in failures]
+    return "\n".join(lines)

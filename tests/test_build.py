@@ -1,0 +1,252 @@
+"""`preprocess build`: the cache contract, determinism, incremental rebuilds, bad input, kills."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, TINY_SHAPE, run_python_module, write_nifti
+from preprocess.__main__ import main
+from preprocess.build import BuildOptions, build_cache
+from preprocess.cache import SCHEMA_VERSION, CacheReader
+from preprocess.errors import UserError
+
+
+def build(raw, out, **overrides):
+    return build_cache(BuildOptions(raw=raw, out=out, jobs=overrides.pop("jobs", 1), shape=TINY_SHAPE,
+                                    quiet=True, **overrides))
+
+
+def content(path):
+    """Everything that must be reproducible: arrays, row order, labels, splits."""
+    with CacheReader(path) as reader:
+        volumes = np.stack([reader.read_volume(row) for row in range(len(reader))])
+        return (volumes, reader.scan_ids, reader.labels.tolist(),
+                {name: reader.split(name).tolist() for name in ("train", "val", "test")}, reader.fingerprint)
+
+
+def assert_same_content(first, second):
+    assert np.array_equal(first[0], second[0])
+    assert first[1:] == second[1:]
+
+
+def test_cache_contract(tiny_cache, synthetic_raw):
+    with CacheReader(tiny_cache) as reader:
+        volumes = reader.file["volumes"]
+        assert volumes.dtype == np.float32 and volumes.shape == (16, *TINY_SHAPE)
+        assert volumes.chunks == (1, *TINY_SHAPE)
+        data = volumes[:]
+        assert data.min() >= 0 and data.max() <= 1 and data.std() > 0.05
+        scan_ids, labels, classes = reader.scan_ids, reader.labels, reader.class_names
+        assert scan_ids == sorted(set(scan_ids))
+        assert all(scan_id.startswith(("CT-0/study_", "CT-1/study_")) for scan_id in scan_ids)
+        assert [int(name != "CT-0") for name in classes] == labels.tolist()
+        assert (labels == 0).sum() == 8 and (labels == 1).sum() == 8
+        splits = [reader.split(name) for name in ("train", "val", "test")]
+        assert sorted(np.concatenate(splits).tolist()) == list(range(16))
+        attrs = reader.attributes
+        assert attrs["schema_version"] == SCHEMA_VERSION
+        assert attrs["shape"] == list(TINY_SHAPE)
+        assert (attrs["hu_min"], attrs["hu_max"]) == (-1000.0, 400.0)
+        assert "area" in attrs["resample_method"] and attrs["orientation"] == "RAS"
+        assert (attrs["seed"], attrs["val_fraction"], attrs["test_fraction"]) == (0, 0.15, 0.15)
+        assert attrs["package_version"]
+        for item in reader.records():  # every row traces back to its file
+            source = synthetic_raw / item.source_path
+            assert hashlib.sha256(source.read_bytes()).hexdigest() == item.source_sha256
+            assert source.stat().st_size == item.source_size
+            assert item.scan_id == f"{item.class_name}/{source.name.removesuffix('.nii.gz')}"
+
+
+def test_same_content_whatever_jobs(synthetic_raw, tiny_cache, tmp_path):
+    build(synthetic_raw, tmp_path / "two.h5", jobs=2)
+    assert_same_content(content(tiny_cache), content(tmp_path / "two.h5"))
+
+
+def test_rebuild_with_unchanged_inputs_is_up_to_date(synthetic_raw, tmp_path):
+    out = tmp_path / "cache.h5"
+    build(synthetic_raw, out)
+    stamp = out.stat().st_mtime_ns
+    report = build(synthetic_raw, out)
+    assert report.up_to_date and report.cached == 16 and report.reprocessed == 0
+    assert out.stat().st_mtime_ns == stamp  # not even rewritten
+
+
+def test_incremental_rebuild_reprocesses_only_changes(raw_copy, tmp_path):
+    out = tmp_path / "cache.h5"
+    build(raw_copy, out)
+    shutil.copy(raw_copy / "CT-1" / "study_0008.nii.gz", raw_copy / "CT-1" / "study_0100.nii.gz")  # added
+    changed = raw_copy / "CT-0" / "study_0001.nii.gz"
+    changed.write_bytes((raw_copy / "CT-0" / "study_0002.nii.gz").read_bytes())  # changed
+    (raw_copy / "CT-0" / "study_0003.nii.gz").unlink()  # removed
+    report = build(raw_copy, out)
+    assert (report.cached, report.reprocessed, report.reused) == (16, 2, 14)
+    fresh = tmp_path / "fresh.h5"
+    build(raw_copy, fresh)
+    assert_same_content(content(out), content(fresh))
+
+
+def test_changed_option_rebuilds_everything_and_force_always_does(synthetic_raw, tmp_path):
+    out = tmp_path / "cache.h5"
+    build(synthetic_raw, out)
+    assert build(synthetic_raw, out, hu_window=(-1000.0, 300.0)).reprocessed == 16
+    assert build(synthetic_raw, out, hu_window=(-1000.0, 300.0), force=True).reprocessed == 16
+    report = build(synthetic_raw, out, hu_window=(-1000.0, 300.0), seed=5)  # new splits, same arrays
+    assert not report.up_to_date and report.reprocessed == 0 and report.reused == 16
+
+
+def add_bad_files(raw: Path):
+    good = (raw / "CT-0" / "study_0000.nii.gz").read_bytes()
+    (raw / "CT-1" / "truncated.nii.gz").write_bytes(good[: len(good) // 3])
+    (raw / "CT-1" / "notes.nii").write_text("not a scan")
+    (raw / "CT-0" / "empty.nii.gz").write_bytes(b"")
+    write_nifti(raw / "CT-0" / "flat.nii.gz", np.zeros((16, 16), np.int16))
+    (raw / "CT-0" / "readme.txt").write_text("ignored: not a NIfTI name")
+    return {"CT-1/truncated.nii.gz", "CT-1/notes.nii", "CT-0/empty.nii.gz", "CT-0/flat.nii.gz"}
+
+
+def test_bad_files_are_skipped_recorded_and_summarised(raw_copy, tmp_path, caplog):
+    bad = add_bad_files(raw_copy)
+    out = tmp_path / "cache.h5"
+    with caplog.at_level("WARNING"):
+        report = build(raw_copy, out)
+    assert report.cached == 16 and {failure.source_path for failure in report.failures} == bad
+    for path in bad:  # one line each, naming the file
+        assert any(path in message and "\n" not in message for message in caplog.messages)
+    with CacheReader(out) as reader:
+        assert {failure.source_path for failure in reader.failures()} == bad
+        assert len(reader) == 16
+    assert build(raw_copy, out).up_to_date  # known failures are not retried while unchanged
+
+
+def test_strict_fails_and_keeps_the_previous_cache(raw_copy, tmp_path):
+    out = tmp_path / "cache.h5"
+    build(raw_copy, out)
+    before = out.read_bytes()
+    add_bad_files(raw_copy)
+    with pytest.raises(UserError, match="--strict: CT-"):
+        build(raw_copy, out, strict=True)
+    assert out.read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cache.h5", "raw"]
+
+
+def test_stale_temporary_files_are_cleaned(synthetic_raw, tmp_path):
+    out = tmp_path / "cache.h5"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".cache.h5.tmp-{dead.stdout.strip()}"
+    stale.write_bytes(b"half a cache")
+    build(synthetic_raw, out)
+    assert not stale.exists() and out.exists()
+
+
+def test_file_that_is_not_a_cache_is_only_replaced_with_force(synthetic_raw, tmp_path):
+    out = tmp_path / "precious.h5"
+    out.write_text("someone's notes")
+    with pytest.raises(UserError, match="without --force"):
+        build(synthetic_raw, out)
+    assert out.read_text() == "someone's notes"
+    assert build(synthetic_raw, out, force=True).cached == 16
+
+
+@pytest.mark.slow
+def test_sigkill_mid_build_leaves_the_previous_cache(raw_copy, tmp_path):
+    out = tmp_path / "cache.h5"
+    build(raw_copy, out)
+    before = out.read_bytes()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "preprocess", "build", "--raw", str(raw_copy), "--out", str(out), "--jobs", "2",
+         "--shape", *map(str, TINY_SHAPE), "--force", "--quiet"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    temp = tmp_path / f".cache.h5.tmp-{process.pid}"
+    deadline = time.monotonic() + 60
+    while not temp.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert temp.exists(), "the build finished before it could be killed mid-way"
+    assert out.read_bytes() == before
+    report = build(raw_copy, out, force=True)
+    assert report.cached == 16 and not temp.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--shape", "0", "32", "16"], "--shape: must be at least 1"),
+    (["--shape", "a", "32", "16"], "expected a whole number"),
+    (["--shape", "32", "16"], "expected 3 arguments"),
+    (["--shape", "4096", "32", "16"], "--shape needs three sizes"),
+    (["--jobs", "0"], "--jobs: must be at least 1"),
+    (["--jobs", "-2"], "--jobs: must be at least 1"),
+    (["--val-fraction", "1.5"], "must be in [0, 1)"),
+    (["--val-fraction", "nan"], "finite number"),
+    (["--val-fraction", "0.6", "--test-fraction", "0.5"], "sum < 1"),
+    (["--seed", "-1"], "must be 0 or more"),
+    (["--hu-window", "400", "-1000"], "LOW < HIGH"),
+])
+def test_bad_flags_get_one_line_and_nonzero_exit(synthetic_raw, tmp_path, capsys, flags, message):
+    code = exit_code_of(["build", "--raw", str(synthetic_raw), "--out", str(tmp_path / "c.h5"), *flags])
+    error = capsys.readouterr().err.strip()
+    assert code != 0
+    assert message in error and "\n" not in error and "Traceback" not in error
+    assert not (tmp_path / "c.h5").exists()
+
+
+def exit_code_of(argv: list[str]) -> int:
+    """`main`'s exit code, whether it returns one or argparse exits."""
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+@pytest.mark.parametrize("make_raw, message", [
+    (lambda tmp: tmp / "missing", "does not exist"),
+    (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "no scans in"),
+    (lambda tmp: (tmp / "file.txt").write_text("x") and tmp / "file.txt", "is not a folder"),
+])
+def test_bad_raw_folder_in_a_real_subprocess(tmp_path, make_raw, message):
+    raw = make_raw(tmp_path)
+    result = run_python_module("preprocess", "build", "--raw", str(raw), "--out", str(tmp_path / "c.h5"))
+    assert result.returncode == 1
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_all_bad_scans_is_an_error_not_an_empty_cache(tmp_path):
+    (tmp_path / "raw" / "CT-0").mkdir(parents=True)
+    (tmp_path / "raw" / "CT-0" / "a.nii.gz").write_bytes(b"")
+    with pytest.raises(UserError, match="none of the 1 scans"):
+        build(tmp_path / "raw", tmp_path / "c.h5")
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_build_never_imports_tensorflow(synthetic_raw, tmp_path):
+    code = ("import sys; from preprocess.__main__ import main; "
+            f"main(['build', '--raw', {str(synthetic_raw)!r}, '--out', {str(tmp_path / 'c.h5')!r}, "
+            "'--shape', '8', '8', '8', '--jobs', '2', '--quiet']); "
+            "main(['info', " + repr(str(tmp_path / "c.h5")) + "]); "
+            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'tensorflow imported'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+
+
+def test_info_and_show(tiny_cache, tmp_path, capsys):
+    assert main(["info", str(tiny_cache)]) == 0
+    printed = capsys.readouterr().out
+    for expected in ("scans        16  (normal 8, abnormal 8)", "32 x 32 x 16", "[-1000, 400]", "train", "failures     0"):
+        assert expected in printed
+    png = tmp_path / "scan.png"
+    assert main(["show", str(tiny_cache), "--scan-id", "CT-1/study_0008", "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["show", str(tiny_cache), "--index", "99"]) == 1
+    assert "out of range" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "nope.h5")]) == 1
