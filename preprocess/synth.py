@@ -174,7 +174,7 @@ def paint_tube(hu: np.ndarray, lung: np.ndarray, axis_mm: np.ndarray, center_x_m
 
 def add_lesions(hu: np.ndarray, lung: np.ndarray, rng: np.random.Generator, spacing_mm: np.ndarray,
                 lung_size_mm: float) -> np.ndarray:
-    """Blend 1-6 soft-edged ellipsoidal lesions into the lungs of `hu` in place; return where they act.
+    """Blend 2-8 soft-edged ellipsoidal lesions into the lungs of `hu` in place; return where they act.
 
     Lesions only add density (vessels stay visible through ground glass), and every lesion is centred
     on a lung parenchyma voxel, so its core reaches its drawn HU even when it is smaller than a voxel.
@@ -182,14 +182,14 @@ def add_lesions(hu: np.ndarray, lung: np.ndarray, rng: np.random.Generator, spac
     lesion_mask = np.zeros(hu.shape, dtype=bool)
     parenchyma = lung & (hu == HU_LUNG)
     candidate_slices = np.flatnonzero(parenchyma.any(axis=(0, 1)))
-    for _ in range(rng.integers(1, 7)):
+    for _ in range(rng.integers(2, 9)):
         center_z = int(rng.choice(candidate_slices))
         pixels = np.flatnonzero(parenchyma[:, :, center_z])
         center = np.array([*divmod(int(pixels[rng.integers(len(pixels))]), hu.shape[1]), center_z])
         ground_glass = rng.uniform() < 0.6
         target_hu = rng.uniform(*(GROUND_GLASS_HU_RANGE if ground_glass else CONSOLIDATION_HU_RANGE))
         core_fraction = rng.uniform(0.2, 0.5) if ground_glass else rng.uniform(0.5, 0.8)
-        semi_axes_mm = rng.uniform(0.05, 0.25) * lung_size_mm * rng.uniform(0.75, 1.25, size=3)
+        semi_axes_mm = rng.uniform(0.12, 0.35) * lung_size_mm * rng.uniform(0.75, 1.25, size=3)
         half_width = np.ceil(semi_axes_mm / spacing_mm).astype(int)
         low, high = np.maximum(center - half_width, 0), np.minimum(center + half_width + 1, hu.shape)
         offsets = [(np.arange(low[axis], high[axis]) - center[axis]) * spacing_mm[axis] / semi_axes_mm[axis]
