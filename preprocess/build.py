@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,6 +129,24 @@ def process_source(source: Source, preprocessing: Preprocessing) -> _Outcome:
     return _Outcome(volume=volume, record=record)
 
 
+@contextmanager
+def preprocessed_in_parallel(sources: list[Source], preprocessing: Preprocessing, jobs: int):
+    """Outcomes of `process_source` in the order of `sources`, from `jobs` worker processes.
+
+    At most 2 x jobs scans are in flight or waiting, so memory stays bounded. Leaving the block
+    early (an error, --strict, Ctrl-C) cancels the remaining work.
+    """
+    outcomes = Parallel(n_jobs=max(1, min(jobs, len(sources))), return_as="generator", pre_dispatch="2*n_jobs")(
+        delayed(process_source)(source, preprocessing) for source in sources
+    )
+    try:
+        yield outcomes
+    finally:
+        with warnings.catch_warnings():  # leaving early is deliberate: no "tasks cancelled" warning
+            warnings.filterwarnings("ignore", message=".*have been cancelled", category=UserWarning)
+            outcomes.close()
+
+
 def open_previous(options: BuildOptions) -> CacheReader | None:
     """The cache standing at --out, if any; a file there that is not a cache needs --force."""
     out = Path(options.out)
@@ -190,38 +210,32 @@ def _build(options, preprocessing, sources, refused, previous) -> BuildReport:
         log.warning("skipped %s: %s", failure.source_path, failure.reason)
 
     failures = list(refused_failures)
-    reprocessed = reused = 0
-    jobs = max(1, min(options.jobs, len(to_process)))
-    outcomes = Parallel(n_jobs=jobs, return_as="generator", pre_dispatch="2*n_jobs")(
-        delayed(process_source)(source, preprocessing) for source in to_process
-    )
     with (
+        preprocessed_in_parallel(to_process, preprocessing, options.jobs) as outcomes,
         logging_redirect_tqdm(),
         tqdm(total=len(plan), desc="preprocess", unit="scan", disable=options.quiet) as bar,
         CacheWriter(options.out, preprocessing, options.split_options, len(plan), __version__) as writer,
     ):
-        try:
-            for source, action in plan:
-                if action == "reuse":
-                    row, record = reusable_rows[source.relative_path]
-                    writer.append(record, previous.read_volume(row))
-                    reused += 1
-                elif action == "failed":
-                    failures.append(known_failures[source.relative_path])
+        reprocessed, reused = 0, 0
+        for source, action in plan:
+            if action == "reuse":
+                row, record = reusable_rows[source.relative_path]
+                writer.append(record, previous.read_volume(row))
+                reused += 1
+            elif action == "failed":
+                failures.append(known_failures[source.relative_path])
+            else:
+                outcome = next(outcomes)
+                if outcome.reason is None:
+                    writer.append(outcome.record, outcome.volume)
+                    reprocessed += 1
                 else:
-                    outcome = next(outcomes)
-                    if outcome.reason is None:
-                        writer.append(outcome.record, outcome.volume)
-                        reprocessed += 1
-                    else:
-                        failure = Failure(source.relative_path, outcome.reason, source.size, source.mtime_ns)
-                        log.warning("skipped %s: %s", source.relative_path, outcome.reason)
-                        if options.strict:
-                            _refuse_if_strict([failure])
-                        failures.append(failure)
-                bar.update()
-        finally:
-            outcomes.close()  # stops the workers if we leave early
+                    failure = Failure(source.relative_path, outcome.reason, source.size, source.mtime_ns)
+                    log.warning("skipped %s: %s", source.relative_path, outcome.reason)
+                    if options.strict:
+                        _refuse_if_strict([failure])
+                    failures.append(failure)
+            bar.update()
         if not writer.records:
             raise UserError(f"none of the {len(plan)} scans in {options.raw} could be read; no cache written")
         splits = make_splits(

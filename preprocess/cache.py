@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -154,12 +155,16 @@ class CacheWriter:
         self.file: h5py.File | None = None
 
     def __enter__(self) -> CacheWriter:
-        self.file = h5py.File(self.temp_path, "w")
-        shape = tuple(self.preprocessing.shape)
-        self.file.create_dataset(
-            "volumes", shape=(self.capacity, *shape), maxshape=(None, *shape),
-            dtype=np.float32, chunks=(1, *shape),
-        )
+        try:
+            self.file = h5py.File(self.temp_path, "w")
+            shape = tuple(self.preprocessing.shape)
+            self.file.create_dataset(
+                "volumes", shape=(self.capacity, *shape), maxshape=(None, *shape),
+                dtype=np.float32, chunks=(1, *shape),
+            )
+        except BaseException:  # Ctrl-C can land here, after the file exists: __exit__ would not run
+            self.__exit__(*sys.exc_info())
+            raise
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:

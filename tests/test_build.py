@@ -178,6 +178,29 @@ def test_sigkill_mid_build_leaves_the_previous_cache(raw_copy, tmp_path):
     assert report.cached == 16 and not temp.exists()
 
 
+@pytest.mark.slow
+def test_ctrl_c_mid_build_exits_130_and_cleans_up(raw_copy, tmp_path):
+    out = tmp_path / "cache.h5"
+    build(raw_copy, out)
+    before = out.read_bytes()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "preprocess", "build", "--raw", str(raw_copy), "--out", str(out), "--jobs", "2",
+         "--shape", *map(str, TINY_SHAPE), "--force", "--quiet"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    temp = tmp_path / f".cache.h5.tmp-{process.pid}"
+    deadline = time.monotonic() + 60
+    while not temp.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "python -m preprocess: interrupted; nothing was replaced", stderr
+    assert out.read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cache.h5", "raw"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--shape", "0", "32", "16"], "--shape: must be at least 1"),
     (["--shape", "a", "32", "16"], "expected a whole number"),
