@@ -465,3 +465,33 @@ def test_interrupted_move_leaves_no_marker_and_the_rerun_finishes(server, archiv
     download_archives(out_dir, server.base_url, names=("CT-0.zip",), progress=False)
     assert server.requests_for("CT-0.zip") == [None]  # the verified zip was kept, not fetched again
     assert_extracted(out_dir, archives["CT-0.zip"])
+
+
+def test_download_command_then_build_end_to_end(server, out_dir, tmp_path):
+    """The real command in a subprocess, zips of real NIfTI phantoms, then a cache built from them."""
+    from conftest import run_python_module
+    from preprocess.build import BuildOptions, build_cache
+    from preprocess.cache import CacheReader
+    from preprocess.synth import make_phantom, write_phantom
+
+    for class_name, abnormal in (("CT-0", False), ("CT-23", True)):
+        entries = {}
+        for study in range(2):
+            scan = tmp_path / f"{class_name}_{study}.nii.gz"
+            write_phantom(make_phantom(0, study + 10 * abnormal, abnormal, size=32), scan)
+            entries[f"{class_name}/study_{study:04d}.nii.gz"] = scan.read_bytes()
+        make_zip(server.root / f"{class_name}.zip", entries)
+    result = run_python_module("preprocess", "download", "--out", str(out_dir), "--base-url", server.base_url,
+                               "--quiet")
+    assert result.returncode == 0, result.stderr
+    cache = tmp_path / "cache.h5"
+    build_cache(BuildOptions(raw=out_dir, out=cache, jobs=1, shape=(16, 16, 8), quiet=True))
+    with CacheReader(cache) as reader:
+        assert reader.scan_ids == ["CT-0/study_0000", "CT-0/study_0001", "CT-23/study_0000", "CT-23/study_0001"]
+        assert reader.labels.tolist() == [0, 0, 1, 1]
+    again = run_python_module("preprocess", "download", "--out", str(out_dir), "--base-url", server.base_url)
+    assert again.returncode == 0 and "skipping" in again.stderr
+    missing = run_python_module("preprocess", "download", "--out", str(tmp_path / "other"),
+                                "--base-url", server.base_url + "nothing-here/", "--quiet")
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines() == [
+        f"python -m preprocess: error: could not download {server.base_url}nothing-here/CT-0.zip: HTTP 404 Not Found"]
