@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from conftest import write_nifti
 from preprocess.volume import (
-    ScanError, load_scan, preprocess_scan, resize_axis, resize_volume, window_volume,
+    ScanError, load_scan, preprocess_scan, read_scan_bytes, resize_axis, resize_volume, window_volume,
 )
 
 SHAPE = (32, 32, 16)
@@ -184,3 +184,31 @@ def test_absurd_header_is_refused_before_allocating(tmp_path):
     _, peak_bytes = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak_bytes < 10 * 1024**2
+
+
+def test_gzip_bomb_is_never_inflated_beyond_what_the_header_promises(tmp_path):
+    """A valid small scan followed by 256 MB of zeros: ~1 MB on disk, read in bounded memory."""
+    import zlib
+
+    scan = nib.Nifti1Image(anatomy(), np.eye(4)).to_bytes()
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 31)
+    zeros = bytes(16 * 1024**2)
+    chunks = [compressor.compress(scan)] + [compressor.compress(zeros) for _ in range(16)] + [compressor.flush()]
+    path = tmp_path / "bomb.nii.gz"
+    path.write_bytes(b"".join(chunks))
+    assert path.stat().st_size < 2 * 1024**2  # a 200:1 bomb
+    tracemalloc.start()
+    raw, _ = read_scan_bytes(path)
+    _, peak_bytes = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(raw) == len(scan)
+    assert peak_bytes < 20 * 1024**2
+
+
+def test_gzip_with_a_bad_checksum_is_refused(tmp_path):
+    data = bytearray(gzip.compress(nib.Nifti1Image(anatomy(), np.eye(4)).to_bytes()))
+    data[-6] ^= 0xFF  # inside the CRC-32 of the gzip trailer
+    path = tmp_path / "crc.nii.gz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ScanError, match="corrupt or truncated gzip"):
+        preprocess_scan(path, SHAPE, *WINDOW)
