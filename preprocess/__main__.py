@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from preprocess.arguments import (
-    ArgumentParser, HelpFormatter, configure_logging, finite_float, fraction, non_negative_int, positive_int,
+    ArgumentParser, HelpFormatter, configure_logging, finite_float, fraction, non_negative_int, positive_float, positive_int,
     run_command,
 )
 from preprocess.build import BuildOptions
@@ -35,6 +35,8 @@ def make_parser() -> ArgumentParser:
     build.add_argument("--seed", type=non_negative_int, default=DEFAULTS.seed, help="seed of the train/val/test split")
     build.add_argument("--val-fraction", type=fraction, default=DEFAULTS.val_fraction, help="share of each class for validation")
     build.add_argument("--test-fraction", type=fraction, default=DEFAULTS.test_fraction, help="share of each class for test")
+    build.add_argument("--scan-timeout", type=positive_float, default=DEFAULTS.scan_timeout_seconds, metavar="SECONDS",
+                       help="give up on a scan that takes longer (it is recorded as failed)")
     build.add_argument("--force", action="store_true", help="rebuild every scan, and overwrite a file that is not a cache")
     build.add_argument("--strict", action="store_true", help="fail the whole build if any scan cannot be used")
     build.add_argument("--quiet", action="store_true", help="no progress bar; only warnings and errors")
@@ -92,7 +94,7 @@ def run_build(arguments) -> None:
     options = BuildOptions(
         raw=arguments.raw, out=arguments.out, jobs=arguments.jobs, shape=tuple(arguments.shape),
         hu_window=tuple(arguments.hu_window), seed=arguments.seed, val_fraction=arguments.val_fraction,
-        test_fraction=arguments.test_fraction, force=arguments.force, strict=arguments.strict,
+        test_fraction=arguments.test_fraction, scan_timeout_seconds=arguments.scan_timeout, force=arguments.force, strict=arguments.strict,
         quiet=arguments.quiet,
     )
     report = build_cache(options)

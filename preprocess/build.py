@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +34,9 @@ from preprocess.volume import CANONICAL_ORIENTATION, RESAMPLE_METHOD, ScanError,
 log = logging.getLogger(__name__)
 
 MAX_SHAPE = 1024
+MAX_JOBS = 256
+MAX_SCAN_TIMEOUT_SECONDS = 86_400
+TIMEOUT_REASON = "took longer than"  # timed-out scans are retried by the next build, not remembered
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class BuildOptions:
     seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.15
+    scan_timeout_seconds: float = 600.0
     force: bool = False
     strict: bool = False
     quiet: bool = False
@@ -88,6 +94,11 @@ def check_options(options: BuildOptions) -> None:
     low, high = options.hu_window
     if not (np.isfinite(low) and np.isfinite(high) and low < high):
         raise UserError(f"--hu-window needs LOW < HIGH, got {low} {high}")
+    if not 0 < options.scan_timeout_seconds <= MAX_SCAN_TIMEOUT_SECONDS:
+        raise UserError(f"--scan-timeout must be between 0 and {MAX_SCAN_TIMEOUT_SECONDS} seconds, "
+                        f"got {options.scan_timeout_seconds:g}")
+    if options.jobs > MAX_JOBS:
+        raise UserError(f"--jobs {options.jobs} is more worker processes than this tool starts (at most {MAX_JOBS})")
     if options.seed < 0:
         raise UserError(f"--seed must be non-negative, got {options.seed}")
     out = Path(options.out)
@@ -108,12 +119,42 @@ class _Outcome:
     reason: str | None = None
 
 
-def process_source(source: Source, preprocessing: Preprocessing) -> _Outcome:
+class ScanTimeout(Exception):
+    pass
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Raise ScanTimeout after `seconds` of wall time, in the main thread (elsewhere: no limit).
+
+    The alarm interrupts Python code, not a C call in progress; the header checks in
+    `preprocess.volume` keep every C call (inflate, copy, average) bounded in size.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signal_number, frame):
+        raise ScanTimeout()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def process_source(source: Source, preprocessing: Preprocessing, timeout_seconds: float) -> _Outcome:
     """Preprocess one scan in a worker; any failure becomes a reason, never an exception."""
     try:
-        volume, info = preprocess_scan(
-            source.path, preprocessing.shape, preprocessing.hu_min, preprocessing.hu_max
-        )
+        with time_limit(timeout_seconds):
+            volume, info = preprocess_scan(
+                source.path, preprocessing.shape, preprocessing.hu_min, preprocessing.hu_max
+            )
+    except ScanTimeout:
+        return _Outcome(reason=f"{TIMEOUT_REASON} {timeout_seconds:g} s (--scan-timeout)")
     except ScanError as error:
         return _Outcome(reason=str(error))
     except MemoryError:
@@ -130,14 +171,15 @@ def process_source(source: Source, preprocessing: Preprocessing) -> _Outcome:
 
 
 @contextmanager
-def preprocessed_in_parallel(sources: list[Source], preprocessing: Preprocessing, jobs: int):
+def preprocessed_in_parallel(sources: list[Source], preprocessing: Preprocessing, jobs: int,
+                             timeout_seconds: float):
     """Outcomes of `process_source` in the order of `sources`, from `jobs` worker processes.
 
     At most 2 x jobs scans are in flight or waiting, so memory stays bounded. Leaving the block
     early (an error, --strict, Ctrl-C) cancels the remaining work.
     """
     outcomes = Parallel(n_jobs=max(1, min(jobs, len(sources))), return_as="generator", pre_dispatch="2*n_jobs")(
-        delayed(process_source)(source, preprocessing) for source in sources
+        delayed(process_source)(source, preprocessing, timeout_seconds) for source in sources
     )
     try:
         yield outcomes
@@ -181,7 +223,8 @@ def _build(options, preprocessing, sources, refused, previous) -> BuildReport:
     if previous is not None and previous.preprocessing == preprocessing:
         for row, record in enumerate(previous.records()):
             reusable_rows[record.source_path] = (row, record)
-        known_failures = {failure.source_path: failure for failure in previous.failures()}
+        known_failures = {failure.source_path: failure for failure in previous.failures()
+                          if not failure.reason.startswith(TIMEOUT_REASON)}
     elif previous is not None:
         log.info("preprocessing options changed since the last build: rebuilding every scan")
 
@@ -211,7 +254,7 @@ def _build(options, preprocessing, sources, refused, previous) -> BuildReport:
 
     failures = list(refused_failures)
     with (
-        preprocessed_in_parallel(to_process, preprocessing, options.jobs) as outcomes,
+        preprocessed_in_parallel(to_process, preprocessing, options.jobs, options.scan_timeout_seconds) as outcomes,
         logging_redirect_tqdm(),
         tqdm(total=len(plan), desc="preprocess", unit="scan", disable=options.quiet) as bar,
         CacheWriter(options.out, preprocessing, options.split_options, len(plan), __version__) as writer,

@@ -21,10 +21,13 @@ two caches with the same fingerprint hold the same data.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
+import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -141,6 +144,7 @@ class CacheWriter:
 
     Use as a context manager: leaving the block by an exception removes the temporary file and
     leaves whatever stood at `out` untouched. `commit()` makes the file durable and renames it.
+    A failed write (disk full, file too large) becomes one `CacheError` line.
     """
 
     def __init__(self, out: Path, preprocessing: Preprocessing, split_options: SplitOptions,
@@ -155,24 +159,55 @@ class CacheWriter:
         self.file: h5py.File | None = None
 
     def __enter__(self) -> CacheWriter:
+        check_free_space(self.out.parent, estimated_cache_bytes(self.capacity, self.preprocessing.shape))
         try:
-            self.file = h5py.File(self.temp_path, "w")
-            shape = tuple(self.preprocessing.shape)
-            self.file.create_dataset(
-                "volumes", shape=(self.capacity, *shape), maxshape=(None, *shape),
-                dtype=np.float32, chunks=(1, *shape),
-            )
+            with self._writing():
+                # rdcc_nbytes=0: every chunk goes straight to disk, so a full disk fails the write
+                # that hit it, not a flush much later inside HDF5's cache
+                self.file = h5py.File(self.temp_path, "w", rdcc_nbytes=0)
+                shape = tuple(self.preprocessing.shape)
+                self.file.create_dataset(
+                    "volumes", shape=(self.capacity, *shape), maxshape=(None, *shape),
+                    dtype=np.float32, chunks=(1, *shape),
+                )
         except BaseException:  # Ctrl-C can land here, after the file exists: __exit__ would not run
-            self.__exit__(*sys.exc_info())
+            self._abandon()
             raise
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
-        if self.file is not None:
+        if exc_type is not None:
+            self._abandon()
+        elif self.file is not None:
             self.file.close()
             self.file = None
-        if exc_type is not None:
-            self.temp_path.unlink(missing_ok=True)
+
+    @contextmanager
+    def _writing(self):
+        """Turn the OS's refusal to write (ENOSPC, EFBIG, EACCES) into one line for the user."""
+        try:
+            yield
+        except (OSError, RuntimeError) as error:
+            errno_value = getattr(error, "errno", None)
+            reason = os.strerror(errno_value) if errno_value else str(error).splitlines()[0]
+            self._abandon()
+            raise CacheError(f"could not write the cache beside {self.out}: {reason}; "
+                             "the previous cache is untouched") from None
+
+    def _abandon(self) -> None:
+        """Close and delete the temporary file; a broken file's own errors are not news."""
+        hook, sys.unraisablehook = sys.unraisablehook, lambda *_: None
+        try:
+            if self.file is not None:
+                try:
+                    self.file.close()
+                except Exception:
+                    pass
+                self.file = None
+            gc.collect()  # release h5py objects now, while their complaints are silenced
+        finally:
+            sys.unraisablehook = hook
+        self.temp_path.unlink(missing_ok=True)
 
     def append(self, record: ScanRecord, volume: np.ndarray) -> None:
         """Write the next row; rows must come in scan-id order."""
@@ -183,11 +218,22 @@ class CacheWriter:
         row = len(self.records)
         if row >= self.capacity:
             raise ValueError("more rows than the writer's capacity")
-        self.file["volumes"].write_direct(np.ascontiguousarray(volume), dest_sel=np.s_[row])
+        with self._writing():
+            self.file["volumes"].write_direct(np.ascontiguousarray(volume), dest_sel=np.s_[row])
         self.records.append(record)
 
     def commit(self, splits: dict[str, np.ndarray], failures: list[Failure]) -> None:
         """Write the per-row tables, splits and attributes, then atomically replace `out`."""
+        with self._writing():
+            self._write_tables(splits, failures)
+            self.file.flush()
+            self.file.close()
+            self.file = None
+            _fsync_path(self.temp_path)
+            os.replace(self.temp_path, self.out)
+        _fsync_path(self.out.parent)
+
+    def _write_tables(self, splits: dict[str, np.ndarray], failures: list[Failure]) -> None:
         file, records = self.file, self.records
         file["volumes"].resize(len(records), axis=0)
         column = lambda name: [getattr(record, name) for record in records]  # noqa: E731
@@ -221,12 +267,19 @@ class CacheWriter:
         attrs["fingerprint"] = compute_fingerprint(
             self.preprocessing, column("scan_id"), column("source_sha256")
         )
-        file.flush()
-        file.close()
-        self.file = None
-        _fsync_path(self.temp_path)
-        os.replace(self.temp_path, self.out)
-        _fsync_path(self.out.parent)
+
+
+def estimated_cache_bytes(rows: int, shape) -> int:
+    """An upper bound on a cache file's size: the volumes plus generous room for the tables."""
+    return rows * int(np.prod(shape)) * 4 + rows * 4096 + 1024**2
+
+
+def check_free_space(folder: Path, needed_bytes: int) -> None:
+    """Fail before any work if the folder's filesystem cannot hold the new cache."""
+    free_bytes = shutil.disk_usage(folder).free  # what an unprivileged writer may still use
+    if free_bytes < needed_bytes:
+        raise CacheError(f"not enough disk space in {folder}: the cache needs about "
+                         f"{needed_bytes / 1024**2:.0f} MiB, {free_bytes / 1024**2:.0f} MiB are free")
 
 
 def _fsync_path(path: Path) -> None:

@@ -36,6 +36,7 @@ GROUND_GLASS_HU_RANGE = (-700.0, -300.0)
 CONSOLIDATION_HU_RANGE = (-100.0, 50.0)
 STORED_HU_RANGE = (-1024, 3071)  # what a 12-bit scanner stores
 MAX_SLICES = 4096  # the loader refuses longer axes
+MAX_SCANS = 100_000  # a synthetic archive this large is a typo, not a plan
 GZIP_LEVEL = 1  # 512 x 512 x 60 int16 is 31 MB: the fastest level costs only ~10% more bytes
 
 
@@ -238,6 +239,8 @@ def write_synthetic_archive(out_dir: Path, normal: int, abnormal: int, size: int
     """
     if normal < 0 or abnormal < 0 or normal + abnormal == 0:
         raise UserError(f"need at least one scan and no negative counts, got normal={normal} abnormal={abnormal}")
+    if normal + abnormal > MAX_SCANS:
+        raise UserError(f"at most {MAX_SCANS} synthetic scans at a time, got {normal + abnormal}")
     if seed < 0:
         raise UserError(f"seed must be 0 or more, got {seed}")
     check_phantom_arguments(size, slice_range)

@@ -165,9 +165,10 @@ def load_scan(path: Path) -> tuple[np.ndarray, ScanInfo]:
     affine = image.affine
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ScanError("degenerate affine (orientation cannot be determined)")
-    transform = orientations.ornt_transform(
-        orientations.io_orientation(affine), orientations.axcodes2ornt(CANONICAL_ORIENTATION)
-    )
+    stored_orientation = orientations.io_orientation(affine)
+    if np.isnan(stored_orientation).any():  # columns too oblique or too alike to name an axis each
+        raise ScanError("degenerate affine (orientation cannot be determined)")
+    transform = orientations.ornt_transform(stored_orientation, orientations.axcodes2ornt(CANONICAL_ORIENTATION))
     # Flips and transposes are views. order="K" keeps the file's (Fortran) memory order: forcing C
     # order here would be a transposing copy that costs more than the whole resize.
     hu = np.array(orientations.apply_orientation(stored, transform), dtype=np.float32, order="K")
