@@ -1,0 +1,132 @@
+"""The tf.data pipelines: shapes, range, augmentation only in training, seeds, streaming."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from preprocess.cache import CacheReader  # noqa: E402
+from preprocess.errors import UserError  # noqa: E402
+from train.augment import ROTATION_ANGLES_DEGREES, rotate_volume  # noqa: E402
+from train.data import (  # noqa: E402
+    derive_seed, make_epoch_plan, make_evaluation_dataset, make_training_dataset, steps_per_epoch,
+)
+from train.splits import compute_class_weights, split_rows  # noqa: E402
+
+
+@pytest.fixture
+def reader(tiny_cache):
+    with CacheReader(tiny_cache) as opened:
+        yield opened
+
+
+def batches_of(dataset) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(volumes.numpy(), labels.numpy()) for volumes, labels in dataset]
+
+
+def test_training_batches_have_the_model_input_shape_and_range(reader):
+    rows, labels = split_rows(reader, "train")
+    batch_size = 5  # does not divide the split: every epoch ends with a short batch
+    batches = batches_of(make_training_dataset(reader, rows, labels, batch_size, seed=0, epochs=2))
+    assert len(batches) == 2 * steps_per_epoch(len(rows), batch_size)
+    sizes = [len(volumes) for volumes, _ in batches]
+    assert sizes[: len(sizes) // 2] == sizes[len(sizes) // 2:] and sum(sizes) == 2 * len(rows)
+    for volumes, batch_labels in batches:
+        assert volumes.shape[1:] == (*reader.shape, 1) and volumes.dtype == np.float32
+        assert volumes.min() >= 0.0 and volumes.max() <= 1.0
+        assert set(batch_labels.tolist()) <= {0.0, 1.0}
+    assert sorted(np.concatenate([b for _, b in batches[: len(batches) // 2]]).tolist()) == sorted(labels.tolist())
+
+
+def test_an_epoch_plan_visits_every_row_once_with_the_tutorials_angles(reader):
+    rows, labels = split_rows(reader, "train")
+    plans = [list(make_epoch_plan(rows, labels, seed=3, epoch=epoch, augment=True)) for epoch in (0, 1)]
+    for plan in plans:
+        planned_rows = [int(row) for row, _, _ in plan]
+        assert sorted(planned_rows) == rows.tolist()
+        assert {float(angle) for _, _, angle in plan} <= set(ROTATION_ANGLES_DEGREES)
+        assert all(float(label) == reader.labels[int(row)] for row, label, _ in plan)
+    assert [int(r) for r, _, _ in plans[0]] != [int(r) for r, _, _ in plans[1]], "reshuffled every epoch"
+
+
+def test_training_samples_are_the_planned_rotation_of_the_stored_volume(reader):
+    rows, labels = split_rows(reader, "train")
+    plan = list(make_epoch_plan(rows, labels, seed=7, epoch=0, augment=True))
+    (volumes, _), *_ = batches_of(make_training_dataset(reader, rows, labels, 2, seed=7, epochs=1))
+    for sample, (row, _, angle) in zip(volumes, plan):
+        expected = rotate_volume(reader.read_volume(int(row)), angle).numpy()
+        np.testing.assert_array_equal(sample[..., 0], expected)
+        assert not np.array_equal(sample[..., 0], reader.read_volume(int(row)))
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_evaluation_data_is_never_augmented_and_keeps_row_order(reader, split):
+    rows, labels = split_rows(reader, split)
+    batches = batches_of(make_evaluation_dataset(reader, rows, labels, batch_size=2))
+    volumes = np.concatenate([v for v, _ in batches])
+    np.testing.assert_array_equal(volumes[..., 0], np.stack([reader.read_volume(row) for row in rows]))
+    np.testing.assert_array_equal(np.concatenate([b for _, b in batches]), labels.astype(np.float32))
+
+
+def test_the_same_seed_gives_the_same_batches_and_another_seed_does_not(reader):
+    rows, labels = split_rows(reader, "train")
+    first, again, other = (
+        batches_of(make_training_dataset(reader, rows, labels, 4, seed=seed, epochs=2)) for seed in (11, 11, 12)
+    )
+    for (volumes, batch_labels), (volumes_again, labels_again) in zip(first, again):
+        np.testing.assert_array_equal(volumes, volumes_again)
+        np.testing.assert_array_equal(batch_labels, labels_again)
+    assert any(not np.array_equal(a[0], b[0]) for a, b in zip(first, other))
+
+
+def test_a_pipeline_started_at_a_later_epoch_continues_the_same_sequence(reader):
+    # what --resume relies on: epoch 2 does not depend on having run epochs 0 and 1 in this process
+    rows, labels = split_rows(reader, "train")
+    steps = steps_per_epoch(len(rows), 4)
+    whole = batches_of(make_training_dataset(reader, rows, labels, 4, seed=5, first_epoch=0, epochs=3))
+    resumed = batches_of(make_training_dataset(reader, rows, labels, 4, seed=5, first_epoch=2, epochs=3))
+    assert len(resumed) == steps
+    for (volumes, _), (resumed_volumes, _) in zip(whole[2 * steps:], resumed):
+        np.testing.assert_array_equal(volumes, resumed_volumes)
+
+
+class CountingReader:
+    """A CacheReader stand-in that counts volume reads."""
+
+    def __init__(self, reader: CacheReader):
+        self.reader, self.reads = reader, 0
+        self.shape = reader.shape
+
+    def read_volume(self, row: int) -> np.ndarray:
+        self.reads += 1
+        return self.reader.read_volume(row)
+
+
+def test_volumes_are_streamed_not_loaded_up_front(reader):
+    rows, labels = split_rows(reader, "train")
+    rows, labels = np.tile(rows, 50), np.tile(labels, 50)  # a "cache" of 600 scans
+    counting = CountingReader(reader)
+    dataset = make_training_dataset(counting, rows, labels, 1, seed=0, epochs=2)
+    assert counting.reads == 0, "building the pipeline must not read volumes"
+    next(iter(dataset))
+    time.sleep(0.5)  # let the prefetch and parallel-map buffers fill up
+    # one batch plus those buffers (a few volumes per core), however many rows the split has
+    assert 1 <= counting.reads <= 8 + 2 * (os.cpu_count() or 1) < len(rows)
+
+
+def test_class_weights_balance_the_classes():
+    weights = compute_class_weights(np.array([0, 0, 0, 1]))
+    assert weights == {0: pytest.approx(4 / 6), 1: pytest.approx(2.0)}
+    assert 3 * weights[0] == pytest.approx(1 * weights[1])
+    with pytest.raises(UserError, match="no abnormal scans"):
+        compute_class_weights(np.array([0, 0]))
+
+
+def test_each_random_stream_gets_its_own_seed():
+    assert not np.array_equal(derive_seed(0, "shuffle"), derive_seed(0, "rotation"))
+    assert not np.array_equal(derive_seed(0, "shuffle"), derive_seed(1, "shuffle"))
+    np.testing.assert_array_equal(derive_seed(4, "shuffle"), derive_seed(4, "shuffle"))

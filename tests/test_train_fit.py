@@ -1,0 +1,228 @@
+"""fit, evaluate and predict end to end on the tiny cache (32x32x16, --padding same)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside Keras model.save
+
+from preprocess.build import BuildOptions, build_cache  # noqa: E402
+from preprocess.cache import CacheReader  # noqa: E402
+from preprocess.errors import UserError  # noqa: E402
+from train.__main__ import main  # noqa: E402
+from train.evaluate import evaluate_run  # noqa: E402
+from train.fit import fit_model  # noqa: E402
+from train.options import FitOptions  # noqa: E402
+from train.predict import predict_scans  # noqa: E402
+from train.run import read_history, read_state  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS = 3
+SENTENCE = re.compile(r"^(?P<scan>.+): This model is (?P<percent>\d+\.\d\d) percent confident that the CT scan is "
+                      r"(?P<name>normal|abnormal)$")
+
+
+def tiny_options(cache: Path, run_dir: Path, **changes) -> FitOptions:
+    return FitOptions(**{"cache": cache, "run_dir": run_dir, "epochs": EPOCHS, "padding": "same", "quiet": True,
+                         **changes})
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_cache, tmp_path_factory) -> Path:
+    """A finished 3-epoch run on the tiny cache (read-only: copy it to change it)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    fit_model(tiny_options(tiny_cache, run_dir))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def other_window_cache(synthetic_raw, tmp_path_factory) -> Path:
+    """The tiny cache's scans with another Hounsfield window: same shape, different preprocessing."""
+    out = tmp_path_factory.mktemp("other") / "other_window.h5"
+    build_cache(BuildOptions(raw=synthetic_raw, out=out, jobs=1, shape=(32, 32, 16), hu_window=(-900.0, 300.0),
+                             quiet=True))
+    return out
+
+
+def test_fit_writes_every_artifact(trained_run, tiny_cache):
+    names = {path.name for path in trained_run.iterdir()}
+    assert {"config.json", "history.csv", "best.keras", f"last-epoch-{EPOCHS:04d}.keras", "state.json",
+            "training_curves.png", "metrics.json", "tensorboard"} <= names
+    assert len([name for name in names if name.startswith("last-epoch-")]) == 1, "older training states deleted"
+    assert not [name for name in names if ".tmp-" in name], "no temporary files left behind"
+    assert (trained_run / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for folder in ("train", "validation"):
+        assert list((trained_run / "tensorboard" / folder).glob("events.out.tfevents.*"))
+    state = read_state(trained_run)
+    assert state.completed_epochs == EPOCHS and 1 <= state.best_epoch <= EPOCHS
+
+
+def test_config_records_every_option_and_the_caches_preprocessing(trained_run, tiny_cache):
+    config = json.loads((trained_run / "config.json").read_text())
+    assert set(config["options"]) == set(FitOptions().to_json())
+    assert config["options"]["epochs"] == EPOCHS and config["options"]["padding"] == "same"
+    with CacheReader(tiny_cache) as reader:
+        assert config["cache"]["fingerprint"] == reader.fingerprint
+        assert config["preprocessing"]["shape"] == list(reader.shape)
+        assert config["preprocessing"]["hu_min"] == reader.preprocessing.hu_min
+        assert config["cache"]["attributes"]["resample_method"] == reader.preprocessing.resample_method
+
+
+def test_history_has_one_row_per_epoch_with_train_and_validation_metrics(trained_run):
+    history = read_history(trained_run / "history.csv")
+    assert [row["epoch"] for row in history] == list(range(1, EPOCHS + 1))
+    for metric in ("loss", "accuracy", "auc", "sensitivity", "specificity"):
+        assert metric in history[0] and f"val_{metric}" in history[0]
+    assert history[0]["learning_rate"] == pytest.approx(1e-4)
+
+
+def test_metrics_json_is_the_best_model_on_the_test_split(trained_run, tiny_cache):
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    with CacheReader(tiny_cache) as reader:
+        test_size = len(reader.split("test"))
+    assert metrics["split"] == "test" and metrics["scans"] == test_size
+    assert np.array(metrics["confusion_matrix"]).sum() == test_size
+    for name in ("accuracy", "sensitivity", "specificity"):
+        assert 0.0 <= metrics[name] <= 1.0
+    assert metrics["best_epoch"] == read_state(trained_run).best_epoch
+    # `evaluate` on the same split reproduces it: the same model, the same unaugmented data
+    report = evaluate_run(trained_run, tiny_cache, "test")
+    for name in ("accuracy", "sensitivity", "specificity", "confusion_matrix"):
+        assert report[name] == metrics[name]
+
+
+def test_evaluate_prints_the_metrics_of_a_split(trained_run, tiny_cache, capsys):
+    assert main(["evaluate", str(trained_run), str(tiny_cache), "--split", "val"]) == 0
+    output = capsys.readouterr().out
+    assert output.startswith("val split: ") and "AUC" in output and "specificity" in output
+
+
+def test_evaluate_refuses_a_cache_preprocessed_differently(trained_run, other_window_cache):
+    with pytest.raises(UserError, match="preprocessed differently.*hu_min"):
+        evaluate_run(trained_run, other_window_cache, "test")
+
+
+def test_predict_prints_the_tutorials_sentence_for_real_ct(trained_run, real_ct, capsys):
+    scans = sorted(real_ct.glob("*.nii.gz"))
+    assert main(["predict", str(trained_run), *map(str, scans)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(scans)
+    for line, scan in zip(lines, scans):
+        match = SENTENCE.match(line)
+        assert match and match["scan"] == str(scan) and 50.0 <= float(match["percent"]) <= 100.0
+    assert main(["predict", str(trained_run), *map(str, scans), "--json"]) == 0
+    documents = json.loads(capsys.readouterr().out)
+    assert [document["scan"] for document in documents] == list(map(str, scans))
+    assert all(0.0 <= document["probability_abnormal"] <= 1.0 for document in documents)
+
+
+def test_predict_preprocesses_like_the_training_cache(trained_run, tiny_cache, synthetic_raw):
+    # a raw scan that is in the cache gets the probability of its cached volume
+    from train.model import load_trained_model
+
+    with CacheReader(tiny_cache) as reader:
+        row = 0
+        record = reader.records()[row]
+        cached_volume = reader.read_volume(row)
+    model = load_trained_model(trained_run / "best.keras")
+    expected = float(model(cached_volume[None, ..., None], training=False).numpy().reshape(-1)[0])
+    [prediction] = predict_scans(trained_run, [synthetic_raw / record.source_path])
+    assert prediction.error is None
+    assert prediction.probability_abnormal == pytest.approx(expected, abs=1e-6)
+
+
+def test_an_unreadable_scan_gets_one_error_line_and_the_others_are_predicted(trained_run, real_ct, tmp_path, capsys):
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"\x1f\x8b not really gzip")
+    good = sorted(real_ct.glob("*.nii.gz"))[0]
+    assert main(["predict", str(trained_run), str(broken), str(good)]) == 1
+    captured = capsys.readouterr()
+    [error_line] = captured.err.strip().splitlines()
+    assert error_line.startswith(f"python -m train: error: {broken}: ") and "gzip" in error_line
+    assert [SENTENCE.match(line)["scan"] for line in captured.out.splitlines()] == [str(good)]
+
+
+def test_a_second_fit_into_a_run_directory_is_refused(trained_run, tiny_cache):
+    with pytest.raises(UserError, match="already holds a run.*--resume"):
+        fit_model(tiny_options(tiny_cache, trained_run))
+
+
+def test_resume_refuses_changed_options_and_another_cache(trained_run, tiny_cache, other_window_cache, tmp_path):
+    run_dir = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    with pytest.raises(UserError, match="--seed"):
+        fit_model(tiny_options(tiny_cache, run_dir, resume=True, seed=1))
+    with pytest.raises(UserError, match="not the cache"):
+        fit_model(tiny_options(other_window_cache, run_dir, resume=True))
+
+
+def test_resuming_a_finished_run_trains_nothing_and_keeps_its_test_metrics(trained_run, tiny_cache, tmp_path):
+    run_dir = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    before = (run_dir / "metrics.json").read_bytes(), (run_dir / "history.csv").read_bytes()
+    report = fit_model(tiny_options(tiny_cache, run_dir, resume=True))
+    assert report.state.completed_epochs == EPOCHS
+    assert ((run_dir / "metrics.json").read_bytes(), (run_dir / "history.csv").read_bytes()) == before
+
+
+def wait_for_epochs(history: Path, process: subprocess.Popen, epochs: int, timeout_seconds: float) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        if history.exists() and len(history.read_text().splitlines()) > epochs:
+            return
+        if process.poll() is not None:
+            pytest.fail(f"fit ended before it could be killed:\n{process.stderr.read()}")
+        time.sleep(0.05)
+    pytest.fail(f"no epoch finished within {timeout_seconds} s")
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_without_repeating_or_skipping_epochs(trained_run, tiny_cache, tmp_path):
+    run_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "train", "fit", str(tiny_cache), "--run-dir", str(run_dir),
+               "--epochs", str(EPOCHS), "--padding", "same", "--quiet"]
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        wait_for_epochs(run_dir / "history.csv", process, 1, timeout_seconds=180)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+    done = read_state(run_dir).completed_epochs
+    assert 1 <= done < EPOCHS, "killed after at least one epoch and before the end"
+    assert not (run_dir / "metrics.json").exists()
+
+    resumed = subprocess.run(command + ["--resume"], cwd=ROOT, env=environment, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    history = read_history(run_dir / "history.csv")
+    assert [row["epoch"] for row in history] == list(range(1, EPOCHS + 1))
+    assert (run_dir / "metrics.json").exists()
+    assert not list(run_dir.glob(".*.tmp-*"))
+    # the interrupted run ends where an uninterrupted one does: same seed, same batches, same dropout
+    reference = read_history(trained_run / "history.csv")
+    for row, expected in zip(history, reference):
+        assert row["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+        assert row["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
+
+
+def test_the_schema_version_is_checked_before_training(tiny_cache, tmp_path):
+    cache = Path(shutil.copy(tiny_cache, tmp_path / "future.h5"))
+    with h5py.File(cache, "r+") as file:
+        file.attrs["schema_version"] = 99
+    with pytest.raises(UserError, match="schema version 99"):
+        fit_model(tiny_options(cache, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,79 @@
+"""The tutorial's 3D CNN: layers, shape checks, precision policies, seeds, safe loading."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from preprocess.errors import UserError  # noqa: E402
+from train.architecture import check_input_shape, feature_map_sizes, minimum_axis_size  # noqa: E402
+from train.model import build_model, load_trained_model  # noqa: E402
+
+TINY = (32, 32, 16)
+
+
+def test_the_tutorials_layers_in_order():
+    model = build_model(TINY, padding="same")
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["InputLayer"] + ["Conv3D", "MaxPooling3D", "BatchNormalization"] * 4 + [
+        "GlobalAveragePooling3D", "Dense", "Dropout", "Dense"]
+    convolutions = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv3D)]
+    assert [layer.filters for layer in convolutions] == [64, 64, 128, 256]
+    assert all(layer.kernel_size == (3, 3, 3) and layer.activation.__name__ == "relu" for layer in convolutions)
+    pools = [layer for layer in model.layers if isinstance(layer, keras.layers.MaxPooling3D)]
+    assert all(layer.pool_size == (2, 2, 2) for layer in pools)
+    dense, dropout, output = model.layers[-3:]
+    assert (dense.units, dense.activation.__name__) == (512, "relu")
+    assert dropout.rate == 0.3
+    assert (output.units, output.activation.__name__) == (1, "sigmoid")
+    assert model.input_shape == (None, *TINY, 1) and model.output_shape == (None, 1)
+
+
+def test_valid_padding_needs_46_voxels_per_axis():
+    assert minimum_axis_size("valid") == 46
+    assert min(feature_map_sizes(46, "valid")) == 1 and min(feature_map_sizes(45, "valid")) == 0
+    build_model((46, 46, 46), padding="valid")  # the smallest volume that fits
+    with pytest.raises(UserError, match="--padding same"):
+        check_input_shape(TINY, "valid")
+    with pytest.raises(UserError, match="larger --shape"):
+        check_input_shape((32, 32, 8), "same")
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_keeps_the_output_layer_in_float32(precision):
+    model = build_model(TINY, padding="same", precision=precision)
+    assert model.get_layer("conv1").compute_dtype == precision.split("_")[1]
+    assert model.get_layer("conv1").variable_dtype == "float32"
+    assert model.get_layer("probability_abnormal").compute_dtype == "float32"
+    if precision == "mixed_bfloat16":  # TensorFlow has no float16 MaxPool3D on CPU
+        probability = model(np.zeros((1, *TINY, 1), np.float32), training=False)
+        assert keras.backend.standardize_dtype(probability.dtype) == "float32"
+
+
+def test_the_same_seed_gives_the_same_initial_weights():
+    def initial_weights(seed):
+        keras.utils.set_random_seed(seed)
+        return build_model(TINY, padding="same").get_weights()
+
+    first, again, other = initial_weights(1), initial_weights(1), initial_weights(2)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+
+
+def test_a_model_with_stored_python_code_is_refused(tmp_path):
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Lambda(lambda values: values * 2)(inputs)
+    path = tmp_path / "lambda.keras"
+    keras.Model(inputs, outputs).save(path)
+    with pytest.raises(UserError, match="refusing to load"):
+        load_trained_model(path)
+
+
+def test_a_file_that_is_not_a_model_is_refused(tmp_path):
+    path = tmp_path / "best.keras"
+    path.write_bytes(b"not a zip archive")
+    with pytest.raises(UserError):
+        load_trained_model(path)
+    with pytest.raises(UserError, match="no such model"):
+        load_trained_model(tmp_path / "missing.keras")

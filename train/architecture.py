@@ -1,0 +1,53 @@
+"""The network's shape arithmetic, kept free of TensorFlow so bad shapes are refused instantly."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from preprocess.errors import UserError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The tutorial's network: blocks of Conv3D -> MaxPool3D(2) -> BatchNorm, then a dense head."""
+
+    block_filters: tuple[int, ...] = (64, 64, 128, 256)
+    kernel_size: int = 3
+    pool_size: int = 2
+    dense_units: int = 512
+    dropout_rate: float = 0.3
+
+
+TUTORIAL = Architecture()
+
+
+def feature_map_sizes(size: int, padding: str, architecture: Architecture = TUTORIAL) -> list[int]:
+    """The length of one input axis after each block (valid convolutions trim kernel_size - 1)."""
+    sizes = []
+    for _ in architecture.block_filters:
+        if padding == "valid":
+            size -= architecture.kernel_size - 1
+        size = size // architecture.pool_size if size > 0 else size
+        sizes.append(size)
+    return sizes
+
+
+def minimum_axis_size(padding: str, architecture: Architecture = TUTORIAL) -> int:
+    """The smallest axis length that still leaves one voxel after the last block (46 for valid)."""
+    size = 1
+    while min(feature_map_sizes(size, padding, architecture)) < 1:
+        size += 1
+    return size
+
+
+def check_input_shape(shape: tuple[int, int, int], padding: str, architecture: Architecture = TUTORIAL) -> None:
+    """Refuse a volume shape the network cannot shrink through all its blocks, naming a fix."""
+    smallest = minimum_axis_size(padding, architecture)
+    if min(shape) >= smallest:
+        return
+    message = (f"the cache's volumes are {'x'.join(map(str, shape))}, but with --padding {padding} "
+               f"every axis needs at least {smallest} voxels")
+    if padding == "valid" and min(shape) >= minimum_axis_size("same", architecture):
+        message += "; use --padding same for this cache"
+    else:
+        message += "; build a cache with a larger --shape"
+    raise UserError(message)

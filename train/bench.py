@@ -1,0 +1,66 @@
+"""`bench-input`: throughput of the training input pipeline alone (read, rotate, batch; no model)."""
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from preprocess.cache import CacheReader
+from preprocess.errors import UserError
+from train.native_logs import load_tensorflow
+
+log = logging.getLogger(__name__)
+
+WARMUP_BATCHES = 3  # tracing the graph and filling the prefetch buffer are not throughput
+
+
+@dataclass(frozen=True)
+class InputBenchmark:
+    samples: int
+    seconds: float
+    peak_rss_bytes: int
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def benchmark_input(cache: Path, samples: int = 200, batch_size: int = 2, seed: int = 0) -> InputBenchmark:
+    """Time `samples` training samples through `make_training_dataset`, after a short warm-up."""
+    if samples < 1 or batch_size < 1:
+        raise UserError("--samples and --batch-size must be at least 1")
+    with CacheReader(cache) as reader:
+        load_tensorflow()  # only once the cache checks out
+        from train.data import make_training_dataset
+        from train.splits import split_rows
+
+        rows, labels = split_rows(reader, "train")
+        if len(rows) == 0:
+            raise UserError(f"{cache}: the train split is empty")
+        # epochs end with short batches, so count samples, plus one spare epoch
+        epochs = -(-(samples + WARMUP_BATCHES * batch_size) // len(rows)) + 1
+        dataset = make_training_dataset(reader, rows, labels, batch_size, seed, epochs=epochs)
+        batches = iter(dataset)
+        for _ in range(WARMUP_BATCHES):
+            next(batches)
+        counted = 0
+        start = time.perf_counter()
+        while counted < samples:
+            volumes, _ = next(batches)
+            counted += int(volumes.shape[0])
+        seconds = time.perf_counter() - start
+    return InputBenchmark(samples=counted, seconds=seconds, peak_rss_bytes=peak_rss_bytes())
+
+
+def format_benchmark(result: InputBenchmark) -> str:
+    """The benchmark's last line: '<number> samples/s' and the peak RSS."""
+    return f"{result.samples_per_second:.1f} samples/s, peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB"

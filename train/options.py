@@ -1,0 +1,66 @@
+"""`FitOptions`: every training option with its default; each field is one `fit` flag."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from preprocess.errors import UserError
+
+PADDINGS = ("valid", "same")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+# Options a --resume may change: they do not change what the finished run computes (epochs only
+# extends or shortens the schedule; quiet and resume are about this invocation).
+RESUMABLE_CHANGES = ("epochs", "quiet", "resume", "run_dir", "cache")
+# P(abnormal) at or above this is called abnormal, as in the tutorial
+DECISION_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Options of `python -m train fit`; the defaults are the Keras tutorial's."""
+
+    cache: Path = Path("data/mosmed.h5")
+    run_dir: Path | None = None  # None: runs/<timestamp>
+    epochs: int = 100
+    batch_size: int = 2
+    learning_rate: float = 1e-4
+    patience: int = 15
+    seed: int = 0
+    padding: str = "valid"
+    precision: str = "float32"
+    resume: bool = False
+    quiet: bool = False
+
+    def to_json(self) -> dict:
+        """The options as JSON-able values (paths as strings), as written to config.json."""
+        return {name: str(value) if isinstance(value, Path) else value for name, value in asdict(self).items()}
+
+
+def check_fit_options(options: FitOptions) -> None:
+    """Refuse options that cannot train, with one line naming the flag."""
+    for name in ("epochs", "batch_size"):
+        value = getattr(options, name)
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a whole number of at least 1, got {value}")
+    if not options.learning_rate > 0:
+        raise UserError(f"--lr must be greater than 0, got {options.learning_rate}")
+    if options.patience < 0:
+        raise UserError(f"--patience must be 0 or more, got {options.patience}")
+    if options.seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {options.seed}")
+    if options.padding not in PADDINGS:
+        raise UserError(f"--padding must be one of {', '.join(PADDINGS)}, got {options.padding!r}")
+    if options.precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
+    if options.resume and options.run_dir is None:
+        raise UserError("--resume needs --run-dir: the run directory to continue")
+
+
+def changed_options(recorded: dict, options: FitOptions) -> list[str]:
+    """The options (other than RESUMABLE_CHANGES) whose value differs from a run's config.json."""
+    current = options.to_json()
+    return [
+        f"--{name.replace('_', '-')} {recorded.get(name)!r} in the run, {current[name]!r} now"
+        for name in current
+        if name not in RESUMABLE_CHANGES and recorded.get(name) != current[name]
+    ]
