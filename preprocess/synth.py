@@ -190,7 +190,7 @@ def add_lesions(hu: np.ndarray, lung: np.ndarray, rng: np.random.Generator, spac
         ground_glass = rng.uniform() < 0.6
         target_hu = rng.uniform(*(GROUND_GLASS_HU_RANGE if ground_glass else CONSOLIDATION_HU_RANGE))
         core_fraction = rng.uniform(0.2, 0.5) if ground_glass else rng.uniform(0.5, 0.8)
-        semi_axes_mm = rng.uniform(0.12, 0.35) * lung_size_mm * rng.uniform(0.75, 1.25, size=3)
+        semi_axes_mm = rng.uniform(0.2, 0.45) * lung_size_mm * rng.uniform(0.75, 1.25, size=3)
         half_width = np.ceil(semi_axes_mm / spacing_mm).astype(int)
         low, high = np.maximum(center - half_width, 0), np.minimum(center + half_width + 1, hu.shape)
         offsets = [(np.arange(low[axis], high[axis]) - center[axis]) * spacing_mm[axis] / semi_axes_mm[axis]
