@@ -302,8 +302,9 @@ class CacheReader:
         try:
             # locking=False: a build replaces the file by rename, never writes into it
             self.file = h5py.File(self.path, "r", locking=False)
-        except OSError:
-            raise CacheError(f"{self.path}: not an HDF5 file") from None
+        except OSError as error:
+            reason = str(error).splitlines()[0].split("(", 1)[-1].rstrip(")")  # e.g. "truncated file: eof = ..."
+            raise CacheError(f"{self.path}: not an HDF5 file, or a damaged one ({reason})") from None
         try:
             self._validate()
         except Exception:
@@ -436,5 +437,9 @@ class CacheReader:
     def read_volume(self, row: int) -> np.ndarray:
         """One scan's float32 (H, W, D) volume; reads exactly one chunk."""
         volume = np.empty(self.shape, dtype=np.float32)
-        self.file["volumes"].read_direct(volume, source_sel=np.s_[int(row)])
+        try:
+            self.file["volumes"].read_direct(volume, source_sel=np.s_[int(row)])
+        except OSError as error:  # a damaged chunk, or the file cut short under us
+            raise CacheError(f"{self.path}: row {row} cannot be read ({str(error).splitlines()[0]}); "
+                             "rebuild the cache with `python -m preprocess build --force`") from None
         return volume

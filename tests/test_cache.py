@@ -115,3 +115,26 @@ def test_reader_refuses_bad_files_with_one_clear_message(tmp_path, name):
     with pytest.raises(CacheError, match=message) as caught:
         CacheReader(path)
     assert "\n" not in str(caught.value)
+
+
+def test_damaged_chunks_read_as_garbage_and_a_cut_file_is_one_clear_error(tmp_path):
+    """HDF5 keeps no checksum of raw chunks: garbage reads back as values (train checks them),
+    while a file cut short is refused with a CacheError, at open or at the read."""
+    path = tmp_path / "cache.h5"
+    write_cache(path)
+    with h5py.File(path, "r") as file:
+        offset = file["volumes"].id.get_chunk_info(2).byte_offset
+    data = bytearray(path.read_bytes())
+    data[offset: offset + 256] = b"\xff" * 256  # inside row 2's data: 0xffffffff is a NaN
+    path.write_bytes(bytes(data))
+    with CacheReader(path) as reader:
+        assert np.isfinite(reader.read_volume(0)).all()
+        assert np.isnan(reader.read_volume(2)).any()
+    truncated = tmp_path / "truncated.h5"
+    write_cache(truncated)
+    with h5py.File(truncated, "r") as file:
+        last_chunk_end = file["volumes"].id.get_chunk_info(3).byte_offset
+    truncated.write_bytes(truncated.read_bytes()[:last_chunk_end + 16])
+    with pytest.raises(CacheError, match="truncated|cannot be read|not an HDF5"):
+        with CacheReader(truncated) as reader:
+            reader.read_volume(3)
