@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -276,3 +277,16 @@ def test_bad_numbers_get_one_line_and_a_nonzero_exit(tiny_cache, tmp_path, capsy
     assert len(error.splitlines()) == 1 and "Traceback" not in error, error
     assert not (tmp_path / "c.h5").exists() and not (tmp_path / "s.png").exists()
     assert not list((tmp_path / "synth").rglob("*.nii.gz")) if (tmp_path / "synth").exists() else True
+
+
+def test_a_scan_over_the_time_limit_is_recorded_and_retried_next_time(raw_copy, tmp_path):
+    out = tmp_path / "cache.h5"
+    build_cache(BuildOptions(raw=raw_copy, out=out, jobs=1, shape=TINY_SHAPE, quiet=True))
+    shutil.copy(raw_copy / "CT-0" / "study_0000.nii.gz", raw_copy / "CT-0" / "study_0099.nii.gz")
+    report = build_cache(BuildOptions(raw=raw_copy, out=out, jobs=1, shape=TINY_SHAPE, quiet=True,
+                                      scan_timeout_seconds=1e-6))  # only the new scan is processed
+    assert report.cached == 16
+    assert [(failure.source_path, failure.reason) for failure in report.failures] == [
+        ("CT-0/study_0099.nii.gz", "took longer than 1e-06 s (--scan-timeout)")]
+    retried = build_cache(BuildOptions(raw=raw_copy, out=out, jobs=1, shape=TINY_SHAPE, quiet=True))
+    assert (retried.cached, retried.reprocessed, retried.failures) == (17, 1, [])
