@@ -58,14 +58,16 @@ def other_window_cache(synthetic_raw, tmp_path_factory) -> Path:
 
 def test_fit_writes_every_artifact(trained_run, tiny_cache):
     names = {path.name for path in trained_run.iterdir()}
-    assert {"config.json", "history.csv", "best.keras", f"last-epoch-{EPOCHS:04d}.keras", "state.json",
-            "training_curves.png", "metrics.json", "tensorboard"} <= names
+    state = read_state(trained_run)
+    assert {"config.json", "history.csv", f"best-epoch-{state.best_epoch:04d}.keras", f"last-epoch-{EPOCHS:04d}.keras",
+            "state.json", "training_curves.png", "metrics.json", "tensorboard"} <= names
+    assert state.best_model == f"best-epoch-{state.best_epoch:04d}.keras"
     assert len([name for name in names if name.startswith("last-epoch-")]) == 1, "older training states deleted"
+    assert len([name for name in names if name.startswith("best-epoch-")]) == 1, "older best models deleted"
     assert not [name for name in names if ".tmp-" in name], "no temporary files left behind"
     assert (trained_run / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for folder in ("train", "validation"):
         assert list((trained_run / "tensorboard" / folder).glob("events.out.tfevents.*"))
-    state = read_state(trained_run)
     assert state.completed_epochs == EPOCHS and 1 <= state.best_epoch <= EPOCHS
 
 
@@ -97,6 +99,7 @@ def test_metrics_json_is_the_best_model_on_the_test_split(trained_run, tiny_cach
     for name in ("accuracy", "sensitivity", "specificity"):
         assert 0.0 <= metrics[name] <= 1.0
     assert metrics["best_epoch"] == read_state(trained_run).best_epoch
+    assert metrics["model"] == read_state(trained_run).best_model
     # `evaluate` on the same split reproduces it: the same model, the same unaugmented data
     report = evaluate_run(trained_run, tiny_cache, "test")
     for name in ("accuracy", "sensitivity", "specificity", "confusion_matrix"):
@@ -136,7 +139,7 @@ def test_predict_preprocesses_like_the_training_cache(trained_run, tiny_cache, s
         row = 0
         record = reader.records()[row]
         cached_volume = reader.read_volume(row)
-    model = load_trained_model(trained_run / "best.keras")
+    model = load_trained_model(trained_run / read_state(trained_run).best_model)
     expected = float(model(cached_volume[None, ..., None], training=False).numpy().reshape(-1)[0])
     [prediction] = predict_scans(trained_run, [synthetic_raw / record.source_path])
     assert prediction.error is None

@@ -52,7 +52,8 @@ def test_only_the_committed_epochs_training_state_is_kept(tmp_path):
     replay(tmp_path, [0.5, 0.6, 0.7], patience=10)
     state = read_state(tmp_path)
     assert state.last_model == "last-epoch-0003.keras"
-    assert sorted(path.name for path in tmp_path.glob("*.keras")) == ["best.keras", "last-epoch-0003.keras"]
+    assert state.best_model == "best-epoch-0003.keras"
+    assert sorted(path.name for path in tmp_path.glob("*.keras")) == ["best-epoch-0003.keras", "last-epoch-0003.keras"]
     assert not list(tmp_path.glob(".*.tmp-*"))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from pathlib import Path
@@ -11,13 +12,31 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from preprocess.arguments import (  # noqa: E402
-    ArgumentParser, configure_logging, non_negative_int, positive_float, positive_int, run_command,
+    EXIT_INTERRUPTED, ArgumentParser, configure_logging, non_negative_int, positive_float, positive_int, run_command,
 )
-from train.options import PADDINGS, PRECISIONS, FitOptions  # noqa: E402
+from train.options import (  # noqa: E402
+    MAX_BENCH_SAMPLES, MAX_LEARNING_RATE, MIN_LEARNING_RATE, PADDINGS, PRECISIONS, WHOLE_NUMBER_RANGES, FitOptions,
+)
 
 PROG = "python -m train"
 DEFAULTS = FitOptions()
 SPLITS = ("train", "val", "test")
+
+
+def within(parse, minimum, maximum):
+    """An argparse type: `parse`, then refuse values outside [minimum, maximum] (before TensorFlow is imported)."""
+    def parse_within(text: str):
+        value = parse(text)
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be from {minimum} to {maximum}, got {text}")
+        return value
+
+    return parse_within
+
+
+def whole_number(name: str):
+    low, high = WHOLE_NUMBER_RANGES[name]
+    return within(positive_int if low == 1 else non_negative_int, low, high)
 
 
 def make_parser() -> ArgumentParser:
@@ -35,13 +54,15 @@ def make_parser() -> ArgumentParser:
     # "%(default).0s" prints nothing; it only stops the formatter from appending "(default: None)"
     fit.add_argument("--run-dir", type=Path, default=DEFAULTS.run_dir, metavar="DIR",
                      help="run directory (default: a new runs/<timestamp>)%(default).0s")
-    fit.add_argument("--epochs", type=positive_int, default=DEFAULTS.epochs, help="maximum number of epochs")
-    fit.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help="volumes per batch")
-    fit.add_argument("--lr", "--learning-rate", dest="learning_rate", type=positive_float,
+    fit.add_argument("--epochs", type=whole_number("epochs"), default=DEFAULTS.epochs, help="maximum number of epochs")
+    fit.add_argument("--batch-size", type=whole_number("batch_size"), default=DEFAULTS.batch_size,
+                     help="volumes per batch")
+    fit.add_argument("--lr", "--learning-rate", dest="learning_rate",
+                     type=within(positive_float, MIN_LEARNING_RATE, MAX_LEARNING_RATE),
                      default=DEFAULTS.learning_rate, help="initial learning rate of Adam (decays x0.96 per 100k steps)")
-    fit.add_argument("--patience", type=non_negative_int, default=DEFAULTS.patience,
+    fit.add_argument("--patience", type=whole_number("patience"), default=DEFAULTS.patience,
                      help="stop after this many epochs without a better validation AUC")
-    fit.add_argument("--seed", type=non_negative_int, default=DEFAULTS.seed,
+    fit.add_argument("--seed", type=whole_number("seed"), default=DEFAULTS.seed,
                      help="seed of the initial weights, the data order and the augmentation")
     fit.add_argument("--padding", choices=PADDINGS, default=DEFAULTS.padding,
                      help="convolution padding: 'valid' (the tutorial's) needs >= 46 voxels per axis")
@@ -77,9 +98,11 @@ def make_parser() -> ArgumentParser:
         "The last line is '<number> samples/s, peak RSS <n> MiB'.",
     )
     bench.add_argument("cache", type=Path, metavar="CACHE", help="cache file")
-    bench.add_argument("--samples", type=positive_int, default=200, help="samples to time (after a warm-up)")
-    bench.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help="volumes per batch")
-    bench.add_argument("--seed", type=non_negative_int, default=DEFAULTS.seed, help="seed of order and angles")
+    bench.add_argument("--samples", type=within(positive_int, 1, MAX_BENCH_SAMPLES), default=200,
+                       help="samples to time (after a warm-up)")
+    bench.add_argument("--batch-size", type=whole_number("batch_size"), default=DEFAULTS.batch_size,
+                       help="volumes per batch")
+    bench.add_argument("--seed", type=whole_number("seed"), default=DEFAULTS.seed, help="seed of order and angles")
     return parser
 
 
@@ -87,10 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     arguments = make_parser().parse_args(argv)
     configure_logging(getattr(arguments, "quiet", False))
     command = {"fit": run_fit, "evaluate": run_evaluate, "predict": run_predict, "bench-input": run_bench}
-    return run_command(PROG, lambda: command[arguments.command](arguments))
+    code = run_command(PROG, lambda: command[arguments.command](arguments))
+    # A failed command leaves a tf.data pipeline in reference cycles (Keras's traceback filter
+    # makes them), and its reader threads may still want the GIL. Free it now: collected at
+    # interpreter exit instead, it waits for threads that can never run again, and hangs.
+    gc.collect()
+    return code
 
 
-def run_fit(arguments) -> None:
+def run_fit(arguments) -> int | None:
     from train.fit import fit_model
 
     options = FitOptions(
@@ -98,7 +126,12 @@ def run_fit(arguments) -> None:
         learning_rate=arguments.learning_rate, patience=arguments.patience, seed=arguments.seed,
         padding=arguments.padding, precision=arguments.precision, resume=arguments.resume, quiet=arguments.quiet,
     )
-    report = fit_model(options)
+    try:
+        report = fit_model(options)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the run keeps its last completed epoch: continue it with --resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     test = report.test_metrics
     print(f"run saved in {report.run_dir}: {report.state.completed_epochs} epochs, best val AUC "
           f"{report.state.best_val_auc:.4f} at epoch {report.state.best_epoch}; test AUC {_number(test.get('auc'))}, "

@@ -11,6 +11,7 @@ from pathlib import Path
 from preprocess.cache import CacheReader
 from preprocess.errors import UserError
 from train.native_logs import load_tensorflow
+from train.options import MAX_BENCH_SAMPLES, WHOLE_NUMBER_RANGES
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,14 @@ def peak_rss_bytes() -> int:
 
 def benchmark_input(cache: Path, samples: int = 200, batch_size: int = 2, seed: int = 0) -> InputBenchmark:
     """Time `samples` training samples through `make_training_dataset`, after a short warm-up."""
-    if samples < 1 or batch_size < 1:
-        raise UserError("--samples and --batch-size must be at least 1")
+    for flag, value, (low, high) in (("--samples", samples, (1, MAX_BENCH_SAMPLES)),
+                                     ("--batch-size", batch_size, WHOLE_NUMBER_RANGES["batch_size"]),
+                                     ("--seed", seed, WHOLE_NUMBER_RANGES["seed"])):
+        if not isinstance(value, int) or not low <= value <= high:
+            raise UserError(f"{flag} must be a whole number from {low} to {high}, got {value!r}")
     with CacheReader(cache) as reader:
         load_tensorflow()  # only once the cache checks out
-        from train.data import make_training_dataset
+        from train.data import make_training_dataset, reporting_read_failures
         from train.splits import split_rows
 
         rows, labels = split_rows(reader, "train")
@@ -49,15 +53,16 @@ def benchmark_input(cache: Path, samples: int = 200, batch_size: int = 2, seed: 
         # epochs end with short batches, so count samples, plus one spare epoch
         epochs = -(-(samples + WARMUP_BATCHES * batch_size) // len(rows)) + 1
         dataset = make_training_dataset(reader, rows, labels, batch_size, seed, epochs=epochs)
-        batches = iter(dataset)
-        for _ in range(WARMUP_BATCHES):
-            next(batches)
-        counted = 0
-        start = time.perf_counter()
-        while counted < samples:
-            volumes, _ = next(batches)
-            counted += int(volumes.shape[0])
-        seconds = time.perf_counter() - start
+        with reporting_read_failures():
+            batches = iter(dataset)
+            for _ in range(WARMUP_BATCHES):
+                next(batches)
+            counted = 0
+            start = time.perf_counter()
+            while counted < samples:
+                volumes, _ = next(batches)
+                counted += int(volumes.shape[0])
+            seconds = time.perf_counter() - start
     return InputBenchmark(samples=counted, seconds=seconds, peak_rss_bytes=peak_rss_bytes())
 
 

@@ -6,16 +6,23 @@ split's rows and one rotation angle per row. Volumes are read only when the pipe
 them, through `CacheReader.read_volume` (one HDF5 chunk each), so memory holds a few batches and
 does not grow with the cache. Because an epoch's plan depends only on the seed and the epoch
 number, a resumed run sees exactly the batches an uninterrupted run would have seen.
+
+Every volume read is checked (finite, within [0, 1]: one pass over data already in memory), so
+a damaged cache stops training with one line naming the row instead of training on garbage.
 """
 from __future__ import annotations
 
+import gc
 import logging
+import re
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import tensorflow as tf
 
-from preprocess.cache import CacheReader
+from preprocess.cache import CacheError, CacheReader
 from preprocess.errors import UserError
 from train.augment import draw_rotation_angles, rotate_volume
 
@@ -31,12 +38,57 @@ def derive_seed(seed: int, stream: str) -> np.ndarray:
     return words.astype(np.int64)
 
 
+def read_checked_volume(reader: CacheReader, row: int) -> np.ndarray:
+    """One row's volume, or a CacheError if it cannot be read or is not in [0, 1].
+
+    HDF5 keeps no checksum of raw chunks, so damaged bytes read back as numbers; the schema
+    promises [0, 1], and checking costs one pass over a volume already in memory.
+    """
+    volume = reader.read_volume(row)  # an unreadable chunk is the reader's CacheError
+    low, high = volume.min(), volume.max()
+    if not (low >= 0.0 and high <= 1.0):  # NaN fails both comparisons
+        raise CacheError(f"{reader.path}: row {row} holds values outside [0, 1] (min {low}, max {high}): the cache "
+                         "is damaged; rebuild it with `python -m preprocess build --force`")
+    return volume
+
+
+# An exception inside tf.numpy_function reaches the caller as a tf.errors.OpError whose message
+# is a formatted Python traceback. The reason travels between these separators (ASCII RS), so
+# `reporting_read_failures` can raise it again as the one line it was.
+READ_FAILURE = "\x1e"
+READ_FAILURE_PATTERN = re.compile(f"{READ_FAILURE}(.*?){READ_FAILURE}", re.DOTALL)
+
+
+class VolumeReadError(ValueError):
+    """A volume that failed inside tf.data; its message carries the CacheError's between separators."""
+
+
+@contextmanager
+def reporting_read_failures() -> Iterator[None]:
+    """Around anything that runs a pipeline of this module: a failed read becomes its one-line CacheError."""
+    try:
+        yield
+        return
+    except tf.errors.OpError as error:
+        match = READ_FAILURE_PATTERN.search(error.message or "")
+        if match is None:
+            raise
+        reason = match.group(1)
+    # Keras's traceback filter keeps the failed pipeline in reference cycles; free it now, while the
+    # cache is still open and its reader threads can finish the reads they started
+    gc.collect()
+    raise CacheError(reason)
+
+
 def make_volume_loader(reader: CacheReader):
-    """A graph function row -> float32 (H, W, D) volume that reads one chunk of the cache."""
+    """A graph function row -> float32 (H, W, D) volume that reads and checks one chunk of the cache."""
     shape = reader.shape
 
     def read(row: np.int64) -> np.ndarray:
-        return reader.read_volume(int(row))
+        try:
+            return read_checked_volume(reader, int(row))
+        except CacheError as error:
+            raise VolumeReadError(f"{READ_FAILURE}{error}{READ_FAILURE}") from None
 
     def load(row: tf.Tensor) -> tf.Tensor:
         # stateful=False: the same row always gives the same volume, so tf.data may run reads in

@@ -11,7 +11,7 @@ import numpy as np
 from preprocess.cache import CacheReader, Preprocessing
 from preprocess.errors import UserError
 from train.native_logs import load_tensorflow
-from train.run import BEST_MODEL, open_run
+from train.run import open_run
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def preprocessing_as_json(preprocessing: Preprocessing) -> dict:
 
 def check_same_preprocessing(config: dict, reader: CacheReader, run_dir: Path) -> None:
     """Refuse a cache whose volumes were made differently from the run's training cache."""
-    trained = config.get("preprocessing", {})
+    trained = config.get("preprocessing") or {}
     current = preprocessing_as_json(reader.preprocessing)
     differences = [f"{name} {trained.get(name)!r} in the run, {value!r} in the cache"
                    for name, value in current.items() if trained.get(name) != value]
@@ -36,13 +36,15 @@ def check_same_preprocessing(config: dict, reader: CacheReader, run_dir: Path) -
 
 def predict_split(model, reader: CacheReader, rows: np.ndarray, batch_size: int = EVALUATION_BATCH_SIZE) -> np.ndarray:
     """P(abnormal) for each row, in row order, streamed from the cache without augmentation."""
-    from train.data import make_evaluation_dataset
+    from train.data import make_evaluation_dataset, reporting_read_failures
 
     if len(rows) == 0:
         return np.zeros(0, dtype=np.float64)
     dataset = make_evaluation_dataset(reader, rows, reader.labels[rows], batch_size)
     volumes_only = dataset.map(lambda volume, label: volume)
-    return np.asarray(model.predict(volumes_only, verbose=0), dtype=np.float64).reshape(-1)
+    with reporting_read_failures():
+        probabilities = model.predict(volumes_only, verbose=0)
+    return np.asarray(probabilities, dtype=np.float64).reshape(-1)
 
 
 def evaluate_model(model, reader: CacheReader, split: str) -> dict:
@@ -62,9 +64,9 @@ def evaluate_run(run_dir: Path, cache: Path, split: str = "test") -> dict:
     with CacheReader(cache) as reader:
         check_same_preprocessing(config, reader, run_dir)
         load_tensorflow()  # only once the inputs are valid: bad input is refused in a second
-        from train.model import load_trained_model
+        from train.model import load_best_model
 
-        model = load_trained_model(Path(run_dir) / BEST_MODEL)
+        model = load_best_model(Path(run_dir))
         report = evaluate_model(model, reader, split)
         return {"run_dir": str(run_dir), "cache": str(cache), "cache_fingerprint": reader.fingerprint, **report}
 

@@ -13,6 +13,18 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 RESUMABLE_CHANGES = ("epochs", "quiet", "resume", "run_dir", "cache")
 # P(abnormal) at or above this is called abnormal, as in the tutorial
 DECISION_THRESHOLD = 0.5
+# The range of each whole-number option. The upper bounds are far beyond any real experiment:
+# a larger value is a typo or an overflow, refused at once rather than attempted for hours
+# (a batch of 10**12 volumes, 10**12 epochs). Seeds must fit NumPy's seed range.
+WHOLE_NUMBER_RANGES = {
+    "epochs": (1, 100_000),
+    "batch_size": (1, 1024),
+    "patience": (0, 100_000),
+    "seed": (0, 2**32 - 1),
+}
+# Adam diverges long before the maximum; below the minimum, float32 weights do not change at all
+MIN_LEARNING_RATE, MAX_LEARNING_RATE = 1e-10, 1.0
+MAX_BENCH_SAMPLES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -38,16 +50,14 @@ class FitOptions:
 
 def check_fit_options(options: FitOptions) -> None:
     """Refuse options that cannot train, with one line naming the flag."""
-    for name in ("epochs", "batch_size"):
+    for name, (low, high) in WHOLE_NUMBER_RANGES.items():
         value = getattr(options, name)
-        if not isinstance(value, int) or value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be a whole number of at least 1, got {value}")
-    if not options.learning_rate > 0:
-        raise UserError(f"--lr must be greater than 0, got {options.learning_rate}")
-    if options.patience < 0:
-        raise UserError(f"--patience must be 0 or more, got {options.patience}")
-    if options.seed < 0:
-        raise UserError(f"--seed must be 0 or more, got {options.seed}")
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise UserError(f"--{name.replace('_', '-')} must be a whole number from {low} to {high}, got {value!r}")
+    rate = options.learning_rate
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) \
+            or not MIN_LEARNING_RATE <= rate <= MAX_LEARNING_RATE:
+        raise UserError(f"--lr must be from {MIN_LEARNING_RATE} to {MAX_LEARNING_RATE}, got {rate!r}")
     if options.padding not in PADDINGS:
         raise UserError(f"--padding must be one of {', '.join(PADDINGS)}, got {options.padding!r}")
     if options.precision not in PRECISIONS:

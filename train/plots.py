@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from train.run import replace_atomically
+from train.files import replace_atomically
 
 PANELS = (("accuracy", "Accuracy"), ("auc", "AUC"), ("loss", "Loss"))
 

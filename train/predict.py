@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,11 +21,12 @@ from preprocess.errors import UserError
 from preprocess.volume import CANONICAL_ORIENTATION, RESAMPLE_METHOD, ScanError, preprocess_scan
 from train.native_logs import load_tensorflow
 from train.options import DECISION_THRESHOLD as THRESHOLD
-from train.run import BEST_MODEL, open_run
+from train.run import open_run
 
 log = logging.getLogger(__name__)
 
 CLASS_NAMES = ("normal", "abnormal")
+MAX_VOLUME_SIDE = 4096  # voxels along one axis of a preprocessed volume; more is a damaged config
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,15 @@ def run_preprocessing(config: dict, run_dir: Path) -> tuple[tuple[int, int, int]
         if preprocessing.get(name) != value:
             raise UserError(f"{run_dir} was trained on volumes made with {name} {preprocessing.get(name)!r}; "
                             f"this version of preprocess makes {value!r}")
-    return tuple(int(n) for n in preprocessing["shape"]), float(preprocessing["hu_min"]), float(preprocessing["hu_max"])
+    try:
+        shape = tuple(int(n) for n in preprocessing["shape"])
+        hu_min, hu_max = float(preprocessing["hu_min"]), float(preprocessing["hu_max"])
+    except (TypeError, ValueError, OverflowError):
+        shape, hu_min, hu_max = (), math.nan, math.nan
+    if len(shape) != 3 or not all(1 <= n <= MAX_VOLUME_SIDE for n in shape) or not hu_min < hu_max \
+            or not math.isfinite(hu_min + hu_max):
+        raise UserError(f"{run_dir}: config.json has damaged preprocessing options (shape, hu_min, hu_max)")
+    return shape, hu_min, hu_max
 
 
 def predict_scans(run_dir: Path, scans: list[Path]) -> list[Prediction]:
@@ -69,9 +79,12 @@ def predict_scans(run_dir: Path, scans: list[Path]) -> list[Prediction]:
     config = open_run(run_dir)
     shape, hu_min, hu_max = run_preprocessing(config, run_dir)
     load_tensorflow()  # only once the run is valid: bad input is refused in a second
-    from train.model import load_trained_model
+    from train.model import load_best_model
 
-    model = load_trained_model(run_dir / BEST_MODEL)
+    model = load_best_model(run_dir)
+    if model.input_shape != (None, *shape, 1) or model.output_shape != (None, 1):
+        raise UserError(f"{run_dir}: its model maps {model.input_shape} to {model.output_shape}, not volumes of "
+                        f"config.json's shape {shape} to one probability; the run directory was changed by hand")
     predictions = []
     for scan in scans:
         try:

@@ -1,12 +1,14 @@
 """`RunRecorder`: the Keras callback that commits every finished epoch to the run directory.
 
-After each epoch, in this order: the best model (if validation AUC improved), the epoch's
-training state (model and optimizer, in a new file named by epoch), history.csv, and finally
-state.json, which names that file; only then is the previous epoch's file deleted. A run
-killed anywhere in between resumes from the previous state.json and the file it names, and
-redoes only the epoch that was not committed; rows of history.csv beyond state.json are
-dropped on resume, so no epoch is repeated or skipped. (best.keras may then come from the
-uncommitted epoch; redoing it is deterministic on CPU, so it is rewritten with the same model.)
+After each epoch, in this order: the epoch's model and optimizer (a new file named by epoch),
+the best model if validation AUC improved (also a new file named by epoch: a hard link to the
+first one where the file system allows, else a copy), history.csv, and finally state.json,
+which names both files; only then are the previous epoch's files deleted. A run killed
+anywhere in between resumes from the previous state.json and the files it names, and redoes
+only the epoch that was not committed; files and rows of history.csv beyond state.json are
+dropped on resume, so no epoch is repeated or skipped, and `evaluate`, `predict` and
+metrics.json only ever see the best model of a committed epoch.
+A write the OS refuses stops training with one line; the last committed epoch stays intact.
 Early stopping lives here too, because its counter must survive a resume.
 """
 from __future__ import annotations
@@ -19,9 +21,10 @@ from pathlib import Path
 
 import keras
 
+from preprocess.errors import UserError
+from train.files import WriteError, link_or_copy_atomically, replace_atomically
 from train.run import (
-    BEST_MODEL, HISTORY, TrainingState, last_model_name, remove_other_last_models, replace_atomically, write_history,
-    write_state,
+    HISTORY, TrainingState, best_model_name, last_model_name, remove_other_models, write_history, write_state,
 )
 
 log = logging.getLogger(__name__)
@@ -78,26 +81,37 @@ class RunRecorder(keras.callbacks.Callback):
         state = self.state
         improved = math.isfinite(val_auc) and val_auc > state.best_val_auc
         if improved:
-            save_model_atomically(self.model, self.run_dir / BEST_MODEL)
             state = replace(state, best_epoch=epoch_number, best_val_auc=val_auc, epochs_without_improvement=0)
         else:
             state = replace(state, epochs_without_improvement=state.epochs_without_improvement + 1)
-        if state.best_epoch == 0:  # no finite val AUC yet: keep a model anyway, so the run has one
-            save_model_atomically(self.model, self.run_dir / BEST_MODEL)
         # as keras.callbacks.EarlyStopping: an epoch that improves never stops the run
         stop = not improved and state.best_epoch > 0 and state.epochs_without_improvement >= self.patience
         last_model = last_model_name(epoch_number)
+        # no finite val AUC yet (best_epoch 0): keep the latest model as the best, so the run has one
+        best_model = best_model_name(epoch_number) if state.best_epoch in (0, epoch_number) else state.best_model
         state = replace(state, completed_epochs=epoch_number, stopped_early=stop, last_model=last_model,
-                        random_generator_states=get_random_generator_states(self.model))
-        save_model_atomically(self.model, self.run_dir / last_model)
-        self.history.append(row)
-        write_history(self.run_dir / HISTORY, self.history)
-        write_state(self.run_dir, state)  # the commit point of this epoch
-        remove_other_last_models(self.run_dir, keep=last_model)
+                        best_model=best_model, random_generator_states=get_random_generator_states(self.model))
+        try:
+            save_model_atomically(self.model, self.run_dir / last_model)
+            if best_model != self.state.best_model:
+                link_or_copy_atomically(self.run_dir / last_model, self.run_dir / best_model)
+            self.history.append(row)
+            write_history(self.run_dir / HISTORY, self.history)
+            write_state(self.run_dir, state)  # the commit point of this epoch
+        except WriteError as error:
+            raise UserError(f"{error}; {self._what_is_kept()}") from None
+        remove_other_models(self.run_dir, keep={last_model, best_model})
         self.state = state
         if improved:
-            log.debug("epoch %d: val AUC improved to %.4f, saved %s", epoch_number, val_auc, BEST_MODEL)
+            log.debug("epoch %d: val AUC improved to %.4f, saved %s", epoch_number, val_auc, best_model)
         if stop:
             log.info("early stop: no better val AUC for %d epochs (best %.4f at epoch %d)",
                      state.epochs_without_improvement, state.best_val_auc, state.best_epoch)
             self.model.stop_training = True
+
+    def _what_is_kept(self) -> str:
+        committed = self.state.completed_epochs
+        if committed == 0:
+            return "no epoch was committed yet; continue the run with --resume once there is room"
+        return (f"the run's last good checkpoint (epoch {committed}) is kept; continue it with --resume "
+                "once there is room")

@@ -1,45 +1,53 @@
-"""The run directory: its file names, atomic writes, config, history and the resume state.
+"""The run directory: its file names, history, the resume state, its lock, and finding its model.
 
-Every file is written to a temporary file in the same folder and moved into place with
-`os.replace`, so a reader (or a killed run's `--resume`) sees the old file or the new one,
-never half of one. `state.json` is written last after each epoch: it is the commit record of
-that epoch, and `--resume` trusts nothing later than it.
+Every file is written atomically (see `train.files`). `state.json` is written last after each
+epoch: it is the commit record of that epoch, it names the model files that belong to it, and
+`--resume`, `evaluate` and `predict` trust nothing else. A hand-edited or hostile state.json is
+refused before any file it names is opened.
 
 Layout:
     config.json        options, the cache's attributes and fingerprint, versions, class weights
     history.csv        one row per completed epoch (epoch is 1-based)
-    best.keras         the model with the best validation AUC so far (native Keras format)
-    last-epoch-NNNN.keras  the model and optimizer after the last completed epoch (for --resume);
-                       named by epoch, so the one state.json names is never overwritten in place
-    state.json         completed epochs, best epoch and AUC, early-stopping counter, last model
+    best-epoch-NNNN.keras  the model with the best validation AUC among the committed epochs
+    last-epoch-NNNN.keras  the model and optimizer after the last completed epoch (for --resume)
+    state.json         completed epochs, best epoch and AUC, early-stopping counter, and the
+                       names of the two model files above (named by epoch, so a file that
+                       state.json names is never overwritten in place)
     training_curves.png, metrics.json (test split, best model), tensorboard/
+    .lock              held by the `fit` that is writing the run (flock, released when it exits)
 """
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
-import json
 import logging
 import math
 import os
+import re
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from preprocess.errors import UserError
+from train.files import (
+    MAX_RUN_FILE_BYTES, TEMP_MARKER, first_line, read_json, write_json_atomically, write_text_atomically,
+)
 
 log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
 HISTORY = "history.csv"
-BEST_MODEL = "best.keras"
-LAST_MODEL_GLOB = "last-epoch-*.keras"
 STATE = "state.json"
 CURVES = "training_curves.png"
 METRICS = "metrics.json"
 TENSORBOARD = "tensorboard"
-TEMP_MARKER = ".tmp-"
+LOCK = ".lock"
+LEGACY_BEST_MODEL = "best.keras"  # runs written before best models were named by epoch
+MODEL_NAME = re.compile(r"(?:last|best)-epoch-\d{4,}\.keras")
+MODEL_GLOBS = ("last-epoch-*.keras", "best-epoch-*.keras", LEGACY_BEST_MODEL)
 
 
 def last_model_name(epoch: int) -> str:
@@ -47,11 +55,51 @@ def last_model_name(epoch: int) -> str:
     return f"last-epoch-{epoch:04d}.keras"
 
 
-def remove_other_last_models(run_dir: Path, keep: str) -> None:
-    """Delete training-state files other than `keep` (older epochs, or one that was never committed)."""
-    for candidate in Path(run_dir).glob(LAST_MODEL_GLOB):
-        if candidate.name != keep:
-            candidate.unlink(missing_ok=True)
+def best_model_name(epoch: int) -> str:
+    """The best-model file of a 1-based epoch, e.g. best-epoch-0005.keras."""
+    return f"best-epoch-{epoch:04d}.keras"
+
+
+def remove_other_models(run_dir: Path, keep: set[str]) -> None:
+    """Delete model files other than `keep`: older epochs, or an epoch that was never committed."""
+    for pattern in MODEL_GLOBS:
+        for candidate in Path(run_dir).glob(pattern):
+            if candidate.name not in keep:
+                candidate.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete temporary files a killed process left in the run directory (call with the lock held)."""
+    for candidate in Path(run_dir).glob(f".*{TEMP_MARKER}*"):
+        candidate.unlink(missing_ok=True)
+
+
+# -- the lock and the folder ------------------------------------------------------------------
+@contextmanager
+def locked_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory for one `fit`: a second writer is refused instead of interleaving.
+
+    flock is released by the kernel when the process ends, however it ends (SIGKILL included),
+    so a killed run never leaves a lock behind.
+    """
+    path = Path(run_dir) / LOCK
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise UserError(f"cannot use --run-dir {run_dir} ({error.strerror})") from None
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"{run_dir} is in use by another `python -m train fit` (pid {holder}); "
+                            "wait for it to finish, or choose another --run-dir") from None
+        with suppress(OSError):  # the pid is only for the message above; a full disk may refuse it
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def default_run_dir(now: float | None = None) -> Path:
@@ -59,68 +107,37 @@ def default_run_dir(now: float | None = None) -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
 
 
-def replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(temporary_path)` and move the result to `path` in one rename.
+def create_new_run_dir(base: Path, attempts: int = 1000) -> Path:
+    """Create `base`, or base-2, base-3...: two fits started in the same second get two folders."""
+    for attempt in range(1, attempts + 1):
+        candidate = base if attempt == 1 else base.with_name(f"{base.name}-{attempt}")
+        try:
+            candidate.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise UserError(f"cannot create the run directory {candidate} ({error.strerror})") from None
+        return candidate
+    raise UserError(f"cannot create a new run directory beside {base}: {attempts} exist; pass --run-dir")
 
-    The temporary file sits in the same folder (a rename is atomic only within a file system)
-    and keeps `path`'s suffix, because some writers (Keras, matplotlib) choose the format by it.
-    """
-    path = Path(path)
-    temporary = path.with_name(f".{path.stem}{TEMP_MARKER}{os.getpid()}{path.suffix}")
+
+def make_run_dir(run_dir: Path) -> None:
+    """mkdir -p, as most tools do; a file in the way (the folder itself or a parent) is refused."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir} is a file, not a folder")
     try:
-        write(temporary)
-        _fsync(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync(path.parent)
-    return path
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocker = next((parent for parent in run_dir.parents if parent.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise UserError(f"cannot create --run-dir {run_dir}: {blocker} is a file, not a folder") from None
+        raise UserError(f"cannot create --run-dir {run_dir} ({error.strerror})") from None
 
 
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def write_text_atomically(path: Path, text: str) -> Path:
-    return replace_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
-
-
-def write_json_atomically(path: Path, document) -> Path:
-    """JSON with NaN and infinity written as null, so any JSON reader accepts it."""
-    return write_text_atomically(path, json.dumps(_finite(document), indent=2, sort_keys=True) + "\n")
-
-
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
-
-
-def remove_stale_temporaries(run_dir: Path) -> None:
-    """Delete temporary files a killed process left in the run directory."""
-    for candidate in Path(run_dir).glob(f".*{TEMP_MARKER}*"):
-        candidate.unlink(missing_ok=True)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path}: unreadable ({error})") from None
-    if not isinstance(document, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return document
+def is_own_file(name: str) -> bool:
+    """The lock, and temporary files of killed processes: what a run directory may hold before config.json."""
+    return name == LOCK or (name.startswith(".") and TEMP_MARKER in name)
 
 
 # -- history ---------------------------------------------------------------------------------
@@ -129,11 +146,19 @@ def read_history(path: Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    with path.open(newline="", encoding="utf-8") as file:
-        return [
-            {key: int(value) if key == "epoch" else float(value) for key, value in row.items()}
-            for row in csv.DictReader(file)
-        ]
+    try:
+        if path.stat().st_size > MAX_RUN_FILE_BYTES:
+            raise ValueError(f"{path.stat().st_size} bytes")
+        with path.open(newline="", encoding="utf-8") as file:
+            rows = [
+                {key: int(value) if key == "epoch" else float(value) for key, value in row.items()}
+                for row in csv.DictReader(file)
+            ]
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, csv.Error) as error:
+        raise UserError(f"{path}: not a history of this tool ({first_line(error)})") from None
+    if not all("epoch" in row for row in rows):
+        raise UserError(f"{path}: not a history of this tool (no epoch column)")
+    return rows
 
 
 def write_history(path: Path, rows: list[dict]) -> Path:
@@ -153,30 +178,69 @@ class TrainingState:
     """What `--resume` needs besides the model: how far the run got and the early-stop counter."""
 
     completed_epochs: int = 0
-    best_epoch: int = 0  # 1-based; 0 before the first epoch
+    best_epoch: int = 0  # 1-based; 0 before the first epoch with a finite val AUC
     best_val_auc: float = -math.inf
     epochs_without_improvement: int = 0
     stopped_early: bool = False
     # states of the model's random generators (dropout): .keras files do not keep them, and a
     # resumed run must draw the same dropout masks as an uninterrupted one
     random_generator_states: tuple = ()
-    last_model: str = ""  # file name in the run directory; empty before the first epoch
+    last_model: str = ""  # file names in the run directory; empty before the first epoch
+    best_model: str = ""
 
 
 def read_state(run_dir: Path) -> TrainingState:
+    """The committed state of a run (none yet: the initial state); a hand-edited or hostile file is refused."""
     path = Path(run_dir) / STATE
     if not path.exists():
         return TrainingState()
     document = read_json(path)
+    problem = _state_problem(document)
+    if problem:
+        raise UserError(f"{path}: not a training state of this tool ({problem})")
     if document.get("best_val_auc") is None:
         document["best_val_auc"] = -math.inf
-    document["random_generator_states"] = tuple(
-        tuple(state) for state in document.get("random_generator_states", ())
-    )
-    try:
-        return TrainingState(**document)
-    except TypeError as error:
-        raise UserError(f"{path}: not a training state of this tool ({error})") from None
+    document["random_generator_states"] = tuple(tuple(state) for state in document.get("random_generator_states", ()))
+    if "best_model" not in document and document.get("completed_epochs"):
+        document["best_model"] = LEGACY_BEST_MODEL
+    return TrainingState(**document)
+
+
+def _is_whole(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value < high
+
+
+def _state_problem(document: dict) -> str | None:
+    """What makes `document` not a state.json this tool wrote, or None."""
+    unknown = sorted(set(document) - {field.name for field in fields(TrainingState)})
+    if unknown:
+        return f"unknown field {unknown[0][:50]!r}"
+    for name in ("completed_epochs", "best_epoch", "epochs_without_improvement"):
+        if not _is_whole(document.get(name, 0), 0, 2**31):
+            return f"{name} must be a whole number >= 0"
+    auc = document.get("best_val_auc")
+    if auc is not None and (isinstance(auc, bool) or not isinstance(auc, (int, float))):
+        return "best_val_auc must be a number"
+    if not isinstance(document.get("stopped_early", False), bool):
+        return "stopped_early must be true or false"
+    states = document.get("random_generator_states", [])
+    if not isinstance(states, list) or not all(
+        isinstance(state, list) and all(_is_whole(number, -2**63, 2**64) for number in state) for state in states
+    ):
+        return "random_generator_states must be lists of integers"
+    completed = document.get("completed_epochs", 0)
+    if document.get("best_epoch", 0) > completed:
+        return "best_epoch is after the last completed epoch"
+    expected_last = last_model_name(completed) if completed else ""
+    if document.get("last_model", "") != expected_last:
+        return f"last_model must be {expected_last!r}"
+    best_model = document.get("best_model", "")
+    if not isinstance(best_model, str) or (best_model and not (MODEL_NAME.fullmatch(best_model)
+                                                               or best_model == LEGACY_BEST_MODEL)):
+        return "best_model must name a model file in the run directory"
+    if bool(best_model) != bool(completed) and "best_model" in document:
+        return "best_model must be named exactly when an epoch is completed"
+    return None
 
 
 def write_state(run_dir: Path, state: TrainingState) -> Path:
@@ -191,6 +255,23 @@ def open_run(run_dir: Path) -> dict:
         raise UserError(f"{run_dir}: no such run directory")
     if not (run_dir / CONFIG).is_file():
         raise UserError(f"{run_dir}: not a run directory of `python -m train fit` (no {CONFIG})")
-    if not (run_dir / BEST_MODEL).is_file():
-        raise UserError(f"{run_dir}: the run has no model yet ({BEST_MODEL} is written after its first epoch)")
-    return read_json(run_dir / CONFIG)
+    config = read_json(run_dir / CONFIG)
+    for section in ("options", "preprocessing", "cache"):
+        if not isinstance(config.get(section, {}), dict):
+            raise UserError(f"{run_dir / CONFIG}: damaged ({section!r} is not an object)")
+    best_model_path(run_dir)  # refuse a run without a model before anything slow happens
+    return config
+
+
+def best_model_path(run_dir: Path) -> Path:
+    """The best model of the run's committed epochs: the file state.json names."""
+    run_dir = Path(run_dir)
+    name = read_state(run_dir).best_model
+    if not name and (run_dir / LEGACY_BEST_MODEL).is_file() and not (run_dir / STATE).exists():
+        name = LEGACY_BEST_MODEL
+    if not name:
+        raise UserError(f"{run_dir}: the run has no model yet (its first epoch has not finished)")
+    if not (run_dir / name).is_file():
+        raise UserError(f"{run_dir}: {name}, the best model {STATE} names, is missing; the run directory was "
+                        "changed by hand")
+    return run_dir / name

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import zipfile
 from pathlib import Path
 
 import keras
@@ -10,7 +11,7 @@ import tensorflow as tf
 
 from preprocess.cache import CacheReader
 from preprocess.errors import UserError
-from train.data import make_evaluation_dataset, make_training_dataset, steps_per_epoch
+from train.data import make_evaluation_dataset, make_training_dataset, reporting_read_failures, steps_per_epoch
 from train.events import ScalarEventLogger
 from train.metrics import Specificity, make_training_metrics
 from train.model import build_model
@@ -65,13 +66,20 @@ def make_compiled_model(input_shape, options: FitOptions) -> keras.Model:
     return model
 
 
-def load_training_state_model(path: Path) -> keras.Model:
+def load_training_state_model(path: Path, input_shape: tuple[int, int, int], random_generator_states: tuple):
     """The last epoch's model with its optimizer state, loaded without running any stored code."""
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: cannot load the training state to resume (not a .keras zip archive)")
     try:
-        return keras.saving.load_model(path, safe_mode=True, compile=True,
-                                       custom_objects={"Specificity": Specificity})
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path}: cannot load the training state to resume ({error})") from None
+        model = keras.saving.load_model(path, safe_mode=True, compile=True,
+                                        custom_objects={"Specificity": Specificity})
+        if model.input_shape != (None, *input_shape, 1):
+            raise ValueError(f"it takes {model.input_shape}, the cache holds {input_shape} volumes")
+        set_random_generator_states(model, random_generator_states)
+    except Exception as error:  # the file is the run's, not ours: whatever is wrong with it, one line
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"{path}: cannot load the training state to resume ({message})") from None
+    return model
 
 
 def run_training(reader: CacheReader, run_dir: Path, options: FitOptions, state: TrainingState,
@@ -83,8 +91,7 @@ def run_training(reader: CacheReader, run_dir: Path, options: FitOptions, state:
     class_weights = compute_class_weights(train_labels)
     first_epoch = state.completed_epochs
     if first_epoch > 0:
-        model = load_training_state_model(run_dir / state.last_model)
-        set_random_generator_states(model, state.random_generator_states)
+        model = load_training_state_model(run_dir / state.last_model, reader.shape, state.random_generator_states)
         log.info("resuming %s after epoch %d of %d", run_dir, first_epoch, options.epochs)
     else:
         model = make_compiled_model(reader.shape, options)
@@ -96,15 +103,16 @@ def run_training(reader: CacheReader, run_dir: Path, options: FitOptions, state:
     log.info("training on %d scans (%d normal, %d abnormal), validating on %d; class weights %s",
              len(train_rows), int(np.sum(train_labels == 0)), int(np.sum(train_labels == 1)), len(val_rows),
              {label: round(weight, 3) for label, weight in class_weights.items()})
-    model.fit(
-        training_data,
-        epochs=options.epochs,
-        initial_epoch=first_epoch,
-        steps_per_epoch=steps_per_epoch(len(train_rows), options.batch_size),
-        validation_data=validation_data,
-        class_weight=class_weights,
-        callbacks=[recorder, tensorboard],
-        verbose=0 if options.quiet else 2,
-        shuffle=False,  # the dataset shuffles, seeded, per epoch
-    )
+    with reporting_read_failures():  # a damaged volume: one line naming the row, not a TensorFlow traceback
+        model.fit(
+            training_data,
+            epochs=options.epochs,
+            initial_epoch=first_epoch,
+            steps_per_epoch=steps_per_epoch(len(train_rows), options.batch_size),
+            validation_data=validation_data,
+            class_weight=class_weights,
+            callbacks=[recorder, tensorboard],
+            verbose=0 if options.quiet else 2,
+            shuffle=False,  # the dataset shuffles, seeded, per epoch
+        )
     return recorder.state
