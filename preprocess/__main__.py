@@ -8,7 +8,7 @@ from preprocess.arguments import (
     ArgumentParser, HelpFormatter, configure_logging, finite_float, fraction, non_negative_int, positive_float, positive_int,
     run_command,
 )
-from preprocess.build import BuildOptions
+from preprocess.build import BACKENDS, BuildOptions
 
 PROG = "python -m preprocess"
 DEFAULTS = BuildOptions()
@@ -37,6 +37,11 @@ def make_parser() -> ArgumentParser:
     build.add_argument("--test-fraction", type=fraction, default=DEFAULTS.test_fraction, help="share of each class for test")
     build.add_argument("--scan-timeout", type=positive_float, default=DEFAULTS.scan_timeout_seconds, metavar="SECONDS",
                        help="give up on a scan that takes longer (it is recorded as failed)")
+    build.add_argument("--backend", choices=BACKENDS, default=DEFAULTS.backend,
+                       help="where scans are preprocessed: local worker processes (loky), or a Dask cluster "
+                       "(dask, with --scheduler; its worker threads replace --jobs)")
+    build.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="Dask scheduler address, e.g. tcp://HOST:8786; workers must see --raw at the same path")
     build.add_argument("--force", action="store_true", help="rebuild every scan, and overwrite a file that is not a cache")
     build.add_argument("--strict", action="store_true", help="fail the whole build if any scan cannot be used")
     build.add_argument("--quiet", action="store_true", help="no progress bar; only warnings and errors")
@@ -94,7 +99,8 @@ def run_build(arguments) -> None:
     options = BuildOptions(
         raw=arguments.raw, out=arguments.out, jobs=arguments.jobs, shape=tuple(arguments.shape),
         hu_window=tuple(arguments.hu_window), seed=arguments.seed, val_fraction=arguments.val_fraction,
-        test_fraction=arguments.test_fraction, scan_timeout_seconds=arguments.scan_timeout, force=arguments.force, strict=arguments.strict,
+        test_fraction=arguments.test_fraction, scan_timeout_seconds=arguments.scan_timeout,
+        backend=arguments.backend, scheduler=arguments.scheduler, force=arguments.force, strict=arguments.strict,
         quiet=arguments.quiet,
     )
     report = build_cache(options)

@@ -1,12 +1,17 @@
 """Build the cache: find scans, preprocess the new or changed ones in parallel, stream into HDF5.
 
 Workers compute and the parent writes, because HDF5 has a single writer. Results come back in
-scan-id order through joblib's ordered generator, which holds at most `2 * jobs` results at a
-time, so memory does not grow with the number of scans. Rows are always sorted by scan id, so
-the cache's content does not depend on `--jobs` or on the history of incremental builds.
+scan-id order through joblib's ordered generator, which keeps at most `2 * jobs` scans in
+flight, so memory does not grow with the number of scans. (Finished results wait in the parent
+only while the writer is slower than the workers, or behind a scan that is slower than the
+rest.) Rows are always sorted by scan id, so the cache's content does not depend on `--jobs`,
+on the backend (local processes, or a Dask cluster: `preprocess.backends`) or on the history of
+incremental builds.
 """
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import logging
 import os
 import signal
@@ -17,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from joblib import Parallel, delayed
+from joblib import Parallel, delayed, parallel_config
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -30,6 +35,7 @@ from preprocess.errors import UserError
 from preprocess.sources import Source, find_sources
 from preprocess.splits import make_splits
 from preprocess.volume import CANONICAL_ORIENTATION, RESAMPLE_METHOD, ScanError, preprocess_scan
+from preprocess.workers import die_with_build_process
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,7 @@ MAX_SHAPE = 1024
 MAX_JOBS = 256
 MAX_SCAN_TIMEOUT_SECONDS = 86_400
 TIMEOUT_REASON = "took longer than"  # timed-out scans are retried by the next build, not remembered
+BACKENDS = ("loky", "dask")  # where the per-scan work runs: local processes, or a Dask cluster
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,8 @@ class BuildOptions:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     scan_timeout_seconds: float = 600.0
+    backend: str = "loky"
+    scheduler: str | None = None  # address of a Dask scheduler, for backend "dask"
     force: bool = False
     strict: bool = False
     quiet: bool = False
@@ -97,6 +106,14 @@ def check_options(options: BuildOptions) -> None:
     if not 0 < options.scan_timeout_seconds <= MAX_SCAN_TIMEOUT_SECONDS:
         raise UserError(f"--scan-timeout must be between 0 and {MAX_SCAN_TIMEOUT_SECONDS} seconds, "
                         f"got {options.scan_timeout_seconds:g}")
+    if options.backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {options.backend}")
+    if options.backend == "dask" and not options.scheduler:
+        raise UserError("--backend dask needs --scheduler ADDRESS, the Dask scheduler's address (tcp://HOST:8786)")
+    if options.scheduler and options.backend != "dask":
+        raise UserError(f"--scheduler is for --backend dask; this build uses --backend {options.backend}")
+    if options.backend == "dask" and importlib.util.find_spec("distributed") is None:
+        raise UserError('--backend dask needs dask and distributed: pip install -e ".[dask]"')
     if options.jobs > MAX_JOBS:
         raise UserError(f"--jobs {options.jobs} is more worker processes than this tool starts (at most {MAX_JOBS})")
     if options.seed < 0:
@@ -117,23 +134,26 @@ class _Outcome:
     volume: np.ndarray | None = None
     record: ScanRecord | None = None
     reason: str | None = None
+    cannot_open: str | None = None  # the worker could not open the file at all (missing, no permission)
 
 
 class ScanTimeout(Exception):
     pass
 
 
-@contextmanager
 def time_limit(seconds: float):
-    """Raise ScanTimeout after `seconds` of wall time, in the main thread (elsewhere: no limit).
+    """A context manager that raises ScanTimeout in this thread after `seconds` of wall time.
 
     The alarm interrupts Python code, not a C call in progress; the header checks in
     `preprocess.volume` keep every C call (inflate, copy, average) bounded in size.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    if threading.current_thread() is threading.main_thread():
+        return _alarm(seconds)
+    return _ThreadTimeLimit(seconds)
 
+
+@contextmanager
+def _alarm(seconds: float):
     def on_alarm(signal_number, frame):
         raise ScanTimeout()
 
@@ -144,6 +164,41 @@ def time_limit(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+class _ThreadTimeLimit:
+    """`time_limit` in a thread other than the main one, which SIGALRM cannot reach.
+
+    Dask workers run tasks in a thread pool. A timer thread raises ScanTimeout in this one
+    instead (PyThreadState_SetAsyncExc), which, like the signal handler, takes effect between
+    two bytecodes of Python code and never inside a C call.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __enter__(self):
+        self.thread_id = ctypes.c_ulong(threading.get_ident())
+        self.lock = threading.Lock()
+        self.inside, self.raised = True, False
+        self.timer = threading.Timer(self.seconds, self._expire)
+        self.timer.daemon = True
+        self.timer.start()
+        return self
+
+    def _expire(self):
+        with self.lock:
+            if self.inside:
+                self.raised = True
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(self.thread_id, ctypes.py_object(ScanTimeout))
+
+    def __exit__(self, exc_type, exc, traceback):
+        with self.lock:
+            self.inside = False
+        self.timer.cancel()
+        if self.raised:  # the block ended before the exception arrived: withdraw it, it must not escape
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(self.thread_id, None)
+        return False
 
 
 def process_source(source: Source, preprocessing: Preprocessing, timeout_seconds: float) -> _Outcome:
@@ -159,6 +214,9 @@ def process_source(source: Source, preprocessing: Preprocessing, timeout_seconds
         return _Outcome(reason=str(error))
     except MemoryError:
         return _Outcome(reason="too large to load into memory")
+    except (FileNotFoundError, PermissionError) as error:  # gone since listed, or not on this worker's storage
+        cannot_open = f"{type(error).__name__}: {error}"
+        return _Outcome(reason=f"unreadable ({cannot_open})", cannot_open=cannot_open)
     except Exception as error:  # a corrupt file can break nibabel or numpy in many ways
         return _Outcome(reason=f"unreadable ({type(error).__name__}: {error})")
     record = ScanRecord(
@@ -172,15 +230,25 @@ def process_source(source: Source, preprocessing: Preprocessing, timeout_seconds
 
 @contextmanager
 def preprocessed_in_parallel(sources: list[Source], preprocessing: Preprocessing, jobs: int,
-                             timeout_seconds: float):
+                             timeout_seconds: float, backend: str = "loky", scheduler: str | None = None):
     """Outcomes of `process_source` in the order of `sources`, from `jobs` worker processes.
 
     At most 2 x jobs scans are in flight or waiting, so memory stays bounded. Leaving the block
-    early (an error, --strict, Ctrl-C) cancels the remaining work.
+    early (an error, --strict, Ctrl-C) cancels the remaining work. With backend "dask" the
+    workers are the Dask cluster's at `scheduler`, and its worker threads replace `jobs`.
     """
-    outcomes = Parallel(n_jobs=max(1, min(jobs, len(sources))), return_as="generator", pre_dispatch="2*n_jobs")(
-        delayed(process_source)(source, preprocessing, timeout_seconds) for source in sources
-    )
+    if backend == "dask":
+        from preprocess.backends import preprocessed_on_dask  # imports dask, so only for this backend
+
+        with preprocessed_on_dask(sources, preprocessing, timeout_seconds, scheduler) as outcomes:
+            yield outcomes
+        return
+    # the initializer runs in each loky worker as it starts: see preprocess.workers
+    with parallel_config(backend="loky", initializer=die_with_build_process, initargs=(os.getpid(),)):
+        outcomes = Parallel(n_jobs=max(1, min(jobs, len(sources))), return_as="generator",
+                            pre_dispatch="2*n_jobs")(
+            delayed(process_source)(source, preprocessing, timeout_seconds) for source in sources
+        )
     try:
         yield outcomes
     finally:
@@ -254,7 +322,8 @@ def _build(options, preprocessing, sources, refused, previous) -> BuildReport:
 
     failures = list(refused_failures)
     with (
-        preprocessed_in_parallel(to_process, preprocessing, options.jobs, options.scan_timeout_seconds) as outcomes,
+        preprocessed_in_parallel(to_process, preprocessing, options.jobs, options.scan_timeout_seconds,
+                                 options.backend, options.scheduler) as outcomes,
         logging_redirect_tqdm(),
         tqdm(total=len(plan), desc="preprocess", unit="scan", disable=options.quiet) as bar,
         CacheWriter(options.out, preprocessing, options.split_options, len(plan), __version__) as writer,
@@ -269,6 +338,12 @@ def _build(options, preprocessing, sources, refused, previous) -> BuildReport:
                 failures.append(known_failures[source.relative_path])
             else:
                 outcome = next(outcomes)
+                if outcome.cannot_open and os.access(source.path, os.R_OK):
+                    # readable here, not there: every scan would be skipped, so stop instead
+                    workers = "Dask workers" if options.backend == "dask" else "workers"
+                    raise UserError(f"scan {source.scan_id} is not readable on the {workers}: {outcome.cannot_open} "
+                                    "(workers must see --raw at the same path as this machine, e.g. on shared "
+                                    "storage); previous cache left as it was")
                 if outcome.reason is None:
                     writer.append(outcome.record, outcome.volume)
                     reprocessed += 1

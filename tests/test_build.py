@@ -156,24 +156,50 @@ def test_file_that_is_not_a_cache_is_only_replaced_with_force(synthetic_raw, tmp
     assert build(synthetic_raw, out, force=True).cached == 16
 
 
+def children_of(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (Linux /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def start_forced_build_and_wait_for_its_temp_file(raw: Path, out: Path) -> tuple[subprocess.Popen, Path]:
+    """A real `build --force` subprocess, returned once its temporary file exists (mid-build)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "preprocess", "build", "--raw", str(raw), "--out", str(out), "--jobs", "2",
+         "--shape", *map(str, TINY_SHAPE), "--force", "--quiet"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    temp = out.with_name(f".{out.name}.tmp-{process.pid}")
+    deadline = time.monotonic() + 60
+    while not temp.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return process, temp
+
+
 @pytest.mark.slow
 def test_sigkill_mid_build_leaves_the_previous_cache(raw_copy, tmp_path):
     out = tmp_path / "cache.h5"
     build(raw_copy, out)
     before = out.read_bytes()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "preprocess", "build", "--raw", str(raw_copy), "--out", str(out), "--jobs", "2",
-         "--shape", *map(str, TINY_SHAPE), "--force", "--quiet"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    temp = tmp_path / f".cache.h5.tmp-{process.pid}"
-    deadline = time.monotonic() + 60
-    while not temp.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
+    process, temp = start_forced_build_and_wait_for_its_temp_file(raw_copy, out)
+    workers = children_of(process.pid)
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.wait()  # not communicate(): the workers may hold the pipes open a moment longer
     assert temp.exists(), "the build finished before it could be killed mid-way"
     assert out.read_bytes() == before
+    assert workers, "no worker processes seen"
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "orphaned workers outlived the build"
     report = build(raw_copy, out, force=True)
     assert report.cached == 16 and not temp.exists()
 
@@ -183,16 +209,7 @@ def test_ctrl_c_mid_build_exits_130_and_cleans_up(raw_copy, tmp_path):
     out = tmp_path / "cache.h5"
     build(raw_copy, out)
     before = out.read_bytes()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "preprocess", "build", "--raw", str(raw_copy), "--out", str(out), "--jobs", "2",
-         "--shape", *map(str, TINY_SHAPE), "--force", "--quiet"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
-    )
-    temp = tmp_path / f".cache.h5.tmp-{process.pid}"
-    deadline = time.monotonic() + 60
-    while not temp.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
+    process, _ = start_forced_build_and_wait_for_its_temp_file(raw_copy, out)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
