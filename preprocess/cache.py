@@ -229,9 +229,9 @@ class CacheWriter:
             self.file.flush()
             self.file.close()
             self.file = None
-            _fsync_path(self.temp_path)
+            fsync_path(self.temp_path)
             os.replace(self.temp_path, self.out)
-        _fsync_path(self.out.parent)
+        fsync_path(self.out.parent)
 
     def _write_tables(self, splits: dict[str, np.ndarray], failures: list[Failure]) -> None:
         file, records = self.file, self.records
@@ -282,7 +282,8 @@ def check_free_space(folder: Path, needed_bytes: int) -> None:
                          f"{needed_bytes / 1024**2:.0f} MiB, {free_bytes / 1024**2:.0f} MiB are free")
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Make a file's (or a folder's entries') writes durable before anything depends on them."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)

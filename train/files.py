@@ -17,6 +17,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
+from preprocess.cache import fsync_path
 from preprocess.errors import UserError
 
 TEMP_MARKER = ".tmp-"
@@ -43,9 +44,9 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     temporary = path.with_name(f".{path.stem}{TEMP_MARKER}{os.getpid()}{path.suffix}")
     try:
         write(temporary)
-        _fsync(temporary)
+        fsync_path(temporary)
         os.replace(temporary, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
     except BaseException as error:
         with suppress(OSError):
             temporary.unlink(missing_ok=True)
@@ -87,12 +88,6 @@ def link_or_copy_atomically(source: Path, path: Path) -> Path:
     return replace_atomically(path, write)
 
 
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def write_text_atomically(path: Path, text: str) -> Path:
