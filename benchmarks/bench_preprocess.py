@@ -46,19 +46,25 @@ def seconds_per_scan(function, paths) -> float:
     return (time.perf_counter() - start) / len(paths)
 
 
-def build_seconds_per_scan(raw: Path, out: Path, jobs: int, count: int, repeats: int) -> tuple[float, float]:
-    """Best of `repeats` forced builds, per scan, and the first build's extra (worker start-up) seconds.
+def build_seconds_per_scan(raw: Path, out: Path, configurations: list[tuple[int, str]], count: int,
+                           repeats: int) -> tuple[dict, float]:
+    """Best of `repeats` forced builds per (jobs, backend), per scan, and the first loky --jobs 2
+    build's extra (worker start-up) seconds.
 
-    This machine is a VM whose speed drifts by tens of percent between runs, so the best of a few
-    runs is the number that compares; joblib keeps its worker processes between builds in one
-    process, so only the first build pays for starting them (about once per real build).
+    This machine is a VM whose speed drifts by tens of percent within minutes, so the
+    configurations take turns (one build each per round) and the best of the rounds is the
+    number that compares; joblib keeps its worker processes between builds in one process, so
+    only the first build pays for starting them (about once per real build).
     """
-    times = []
+    times = {configuration: [] for configuration in configurations}
     for _ in range(repeats):
-        start = time.perf_counter()
-        build_cache(BuildOptions(raw=raw, out=out, jobs=jobs, force=True, quiet=True))
-        times.append(time.perf_counter() - start)
-    return min(times) / count, times[0] - min(times)
+        for jobs, backend in configurations:
+            start = time.perf_counter()
+            build_cache(BuildOptions(raw=raw, out=out, jobs=jobs, backend=backend, force=True, quiet=True))
+            times[(jobs, backend)].append(time.perf_counter() - start)
+    first_loky = times[(2, "loky")]
+    return ({configuration: min(values) / count for configuration, values in times.items()},
+            first_loky[0] - min(first_loky))
 
 
 def peak_rss_of_build(raw: Path, out: Path) -> float:
@@ -100,14 +106,16 @@ def main() -> None:
         print(f"{len(paths)} scans, 512 x 512 x {min(depths)}-{max(depths)} int16, "
               f"{megabytes:.1f} MB .nii.gz each, {os.cpu_count()} cores")
         out = Path(scratch) / "bench.h5"
-        jobs_one, _ = build_seconds_per_scan(raw, out, 1, len(paths), arguments.repeats)
-        jobs_two, start_up = build_seconds_per_scan(raw, out, 2, len(paths), arguments.repeats)
+        builds, start_up = build_seconds_per_scan(raw, out, [(1, "loky"), (2, "loky"), (2, "threads")],
+                                                  len(paths), arguments.repeats)
+        jobs_one = builds[(1, "loky")]
         rows = [
             ("tutorial algorithm, 1 process", seconds_per_scan(tutorial_process_scan, paths)),
             ("gzip inflate only (ISA-L), 1 process", min(seconds_per_scan(read_scan_bytes, paths)
                                                          for _ in range(arguments.repeats))),
             ("preprocess build --jobs 1", jobs_one),
-            ("preprocess build --jobs 2", jobs_two),
+            ("preprocess build --jobs 2", builds[(2, "loky")]),
+            ("preprocess build --jobs 2 --backend threads", builds[(2, "threads")]),
         ]
         larger = link_copies(paths, Path(scratch) / "larger", 4)
         memory = [(len(paths), peak_rss_of_build(raw, out)), (4 * len(paths), peak_rss_of_build(larger, out))]
@@ -116,7 +124,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, seconds in rows:
         print(f"| {name} | {seconds:.3f} | {1 / seconds:.1f} | {tutorial / seconds:.1f}x | {jobs_one / seconds:.2f}x |")
-    print(f"(builds: best of {arguments.repeats}; the first --jobs 2 build also spent {start_up:.1f} s "
+    print(f"(builds: best of {arguments.repeats} rounds, taking turns; the first --jobs 2 build also spent {start_up:.1f} s "
           "starting its worker processes, once per build)")
     print()
     print("| build --jobs 2 of | parent peak RSS |")

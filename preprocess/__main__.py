@@ -38,8 +38,9 @@ def make_parser() -> ArgumentParser:
     build.add_argument("--scan-timeout", type=positive_float, default=DEFAULTS.scan_timeout_seconds, metavar="SECONDS",
                        help="give up on a scan that takes longer (it is recorded as failed)")
     build.add_argument("--backend", choices=BACKENDS, default=DEFAULTS.backend,
-                       help="where scans are preprocessed: local worker processes (loky), or a Dask cluster "
-                       "(dask, with --scheduler; its worker threads replace --jobs)")
+                       help="where scans are preprocessed: local worker processes (loky), threads of this "
+                       "process (threads: no start-up, no copies, but one crashing scan stops the build), "
+                       "or a Dask cluster (dask, with --scheduler; its worker threads replace --jobs)")
     build.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="Dask scheduler address, e.g. tcp://HOST:8786; workers must see --raw at the same path")
     build.add_argument("--force", action="store_true", help="rebuild every scan, and overwrite a file that is not a cache")

@@ -35,7 +35,7 @@ from preprocess.errors import UserError
 from preprocess.sources import Source, find_sources
 from preprocess.splits import make_splits
 from preprocess.volume import CANONICAL_ORIENTATION, RESAMPLE_METHOD, ScanError, preprocess_scan
-from preprocess.workers import die_with_build_process
+from preprocess.workers import VolumeHandoff, die_with_build_process, remove_orphaned_handoffs
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ MAX_SHAPE = 1024
 MAX_JOBS = 256
 MAX_SCAN_TIMEOUT_SECONDS = 86_400
 TIMEOUT_REASON = "took longer than"  # timed-out scans are retried by the next build, not remembered
-BACKENDS = ("loky", "dask")  # where the per-scan work runs: local processes, or a Dask cluster
+# where the per-scan work runs: local processes, local threads, or a Dask cluster
+BACKENDS = ("loky", "threads", "dask")
 
 
 @dataclass(frozen=True)
@@ -243,14 +244,48 @@ def preprocessed_in_parallel(sources: list[Source], preprocessing: Preprocessing
         with preprocessed_on_dask(sources, preprocessing, timeout_seconds, scheduler) as outcomes:
             yield outcomes
         return
-    # the initializer runs in each loky worker as it starts: see preprocess.workers
-    with parallel_config(backend="loky", initializer=die_with_build_process, initargs=(os.getpid(),)):
-        outcomes = Parallel(n_jobs=max(1, min(jobs, len(sources))), return_as="generator",
+    n_jobs = max(1, min(jobs, len(sources)))
+    if backend == "threads" or n_jobs == 1:  # the work runs in this process: nothing to hand over
+        outcomes = Parallel(n_jobs=n_jobs, backend="threading", return_as="generator", batch_size=1,
                             pre_dispatch="2*n_jobs")(
             delayed(process_source)(source, preprocessing, timeout_seconds) for source in sources
         )
+        with _cancelled_on_exit(outcomes):
+            yield outcomes
+        return
+    handoff = VolumeHandoff.open()
     try:
-        yield outcomes
+        # the initializer runs in each loky worker as it starts: see preprocess.workers
+        with parallel_config(backend="loky", initializer=die_with_build_process, initargs=(os.getpid(),)):
+            handed = Parallel(n_jobs=n_jobs, return_as="generator", batch_size=1, pre_dispatch="2*n_jobs")(
+                delayed(process_source_for_handoff)(source, preprocessing, timeout_seconds, handoff)
+                for source in sources
+            )
+        with _cancelled_on_exit(handed):
+            yield (_received(outcome, handoff, preprocessing.shape) for outcome in handed)
+    finally:
+        handoff.close()
+
+
+def process_source_for_handoff(source: Source, preprocessing: Preprocessing, timeout_seconds: float,
+                               handoff: VolumeHandoff) -> _Outcome:
+    """`process_source` in a worker process, with the volume left in `handoff` for the parent."""
+    outcome = process_source(source, preprocessing, timeout_seconds)
+    if outcome.volume is not None:
+        outcome.volume = handoff.put(outcome.volume)
+    return outcome
+
+
+def _received(outcome: _Outcome, handoff: VolumeHandoff, shape: tuple[int, int, int]) -> _Outcome:
+    if outcome.volume is not None:
+        outcome.volume = handoff.take(outcome.volume, shape)
+    return outcome
+
+
+@contextmanager
+def _cancelled_on_exit(outcomes):
+    try:
+        yield
     finally:
         with warnings.catch_warnings():  # leaving early is deliberate: no "tasks cancelled" warning
             warnings.filterwarnings("ignore", message=".*have been cancelled", category=UserWarning)
@@ -275,6 +310,7 @@ def build_cache(options: BuildOptions) -> BuildReport:
     for stale in stale_temp_files(out):
         log.info("removing %s left by an interrupted build", stale)
         stale.unlink(missing_ok=True)
+    remove_orphaned_handoffs()
     sources, refused = find_sources(options.raw)
     preprocessing = options.preprocessing
     previous = open_previous(options)

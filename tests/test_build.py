@@ -18,6 +18,7 @@ from preprocess.__main__ import main
 from preprocess.build import BuildOptions, build_cache
 from preprocess.cache import SCHEMA_VERSION, CacheReader
 from preprocess.errors import UserError
+from preprocess.workers import HANDOFF_PREFIX, SHARED_MEMORY_FOLDER, VolumeHandoff, remove_orphaned_handoffs
 
 
 def build(raw, out, **overrides):
@@ -69,6 +70,59 @@ def test_cache_contract(tiny_cache, synthetic_raw):
 def test_same_content_whatever_jobs(synthetic_raw, tiny_cache, tmp_path):
     build(synthetic_raw, tmp_path / "two.h5", jobs=2)
     assert_same_content(content(tiny_cache), content(tmp_path / "two.h5"))
+
+
+def test_same_content_with_worker_threads(synthetic_raw, tiny_cache, tmp_path):
+    build(synthetic_raw, tmp_path / "threads.h5", jobs=2, backend="threads")
+    assert_same_content(content(tiny_cache), content(tmp_path / "threads.h5"))
+
+
+def handoff_folders() -> set[Path]:
+    return set(SHARED_MEMORY_FOLDER.glob(f"{HANDOFF_PREFIX}*")) if SHARED_MEMORY_FOLDER.is_dir() else set()
+
+
+@pytest.mark.skipif(not SHARED_MEMORY_FOLDER.is_dir(), reason="volumes take the pipe where there is no /dev/shm")
+def test_workers_hand_volumes_over_in_shared_memory_and_leave_nothing(synthetic_raw, tiny_cache, tmp_path,
+                                                                      monkeypatch):
+    handed, taken = [], []
+    original_take = VolumeHandoff.take
+
+    def counting_take(self, volume, shape):
+        handed.append(volume)
+        taken.append(self.folder)
+        return original_take(self, volume, shape)
+
+    monkeypatch.setattr(VolumeHandoff, "take", counting_take)
+    before = handoff_folders()
+    build(synthetic_raw, tmp_path / "two.h5", jobs=2)
+    assert len(handed) == 16 and all(isinstance(name, str) for name in handed), "volumes came through the pipe"
+    assert all(folder.parent == SHARED_MEMORY_FOLDER for folder in taken)
+    assert handoff_folders() == before, "the build left its handoff folder behind"
+    assert_same_content(content(tiny_cache), content(tmp_path / "two.h5"))
+
+
+def test_handoff_without_shared_memory_returns_the_volume_itself(tmp_path):
+    volume = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    through_pipe = VolumeHandoff(None)
+    assert through_pipe.take(through_pipe.put(volume), volume.shape) is volume
+    full = VolumeHandoff(tmp_path / "gone")  # the folder vanished (or is full): the worker sends the array
+    assert full.put(volume) is volume
+    shared = VolumeHandoff(tmp_path)
+    name = shared.put(volume)
+    assert isinstance(name, str) and (tmp_path / name).is_file()
+    np.testing.assert_array_equal(shared.take(name, volume.shape), volume)
+    assert not (tmp_path / name).exists()
+
+
+def test_handoff_folders_of_killed_builds_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"{HANDOFF_PREFIX}{int(dead.stdout)}-abc"
+    alive = tmp_path / f"{HANDOFF_PREFIX}{os.getpid()}-def"
+    for folder in (orphan, alive):
+        folder.mkdir()
+        (folder / "volume.f32").write_bytes(b"\0" * 16)
+    remove_orphaned_handoffs(tmp_path)
+    assert not orphan.exists() and alive.exists()
 
 
 def test_rebuild_with_unchanged_inputs_is_up_to_date(synthetic_raw, tmp_path):
@@ -191,6 +245,7 @@ def test_sigkill_mid_build_leaves_the_previous_cache(raw_copy, tmp_path):
     before = out.read_bytes()
     process, temp = start_forced_build_and_wait_for_its_temp_file(raw_copy, out)
     workers = children_of(process.pid)
+    handoff = handoff_folders()
     process.send_signal(signal.SIGKILL)
     process.wait()  # not communicate(): the workers may hold the pipes open a moment longer
     assert temp.exists(), "the build finished before it could be killed mid-way"
@@ -202,6 +257,9 @@ def test_sigkill_mid_build_leaves_the_previous_cache(raw_copy, tmp_path):
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "orphaned workers outlived the build"
     report = build(raw_copy, out, force=True)
     assert report.cached == 16 and not temp.exists()
+    orphaned = {folder for folder in handoff if folder.name.startswith(f"{HANDOFF_PREFIX}{process.pid}-")}
+    assert orphaned or not SHARED_MEMORY_FOLDER.is_dir(), "the killed build had no handoff folder"
+    assert not any(folder.exists() for folder in orphaned), "the killed build's handoff folder was not removed"
 
 
 @pytest.mark.slow
