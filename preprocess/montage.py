@@ -28,12 +28,9 @@ def save_montage(volume: np.ndarray, path: Path, title: str, columns: int = 8, r
     picks = np.linspace(0, depth - 1, min(depth, rows * columns)).round().astype(int)
     figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.6 + 0.5), squeeze=False)
     for axis, index in zip(axes.flat, picks):
-        # RAS array [x, y]: transpose to rows = y, then flip so anterior is up; x already runs R->L? no:
-        # x increases to the patient's right... RAS x increases to the Right? x increases to the Left.
-        image = np.flipud(volume[:, :, index].T)
-        axis.imshow(image, cmap="gray", vmin=0.0, vmax=1.0)
+        axis.imshow(radiological_view(volume[:, :, index]), cmap="gray", vmin=0.0, vmax=1.0)
         if overlay is not None:
-            axis.imshow(np.flipud(overlay[:, :, index].T), cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0)
+            axis.imshow(radiological_view(overlay[:, :, index]), cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0)
         axis.set_title(f"z={index}", fontsize=7)
     for axis in axes.flat:
         axis.axis("off")

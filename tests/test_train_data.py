@@ -13,9 +13,14 @@ from preprocess.cache import CacheReader  # noqa: E402
 from preprocess.errors import UserError  # noqa: E402
 from train.augment import ROTATION_ANGLES_DEGREES, rotate_volume  # noqa: E402
 from train.data import (  # noqa: E402
-    derive_seed, make_epoch_plan, make_evaluation_dataset, make_training_dataset, steps_per_epoch,
+    Shard, derive_seed, make_epoch_plan, make_evaluation_dataset, make_training_dataset, make_validation_dataset,
+    steps_per_epoch,
 )
-from train.splits import compute_class_weights, split_rows  # noqa: E402
+from train.data import sample_weights_of  # noqa: E402
+from train.splits import split_rows  # noqa: E402
+from train.tasks import BINARY_CLASS_NAMES, Task, compute_class_weights  # noqa: E402
+
+BINARY = Task("binary", BINARY_CLASS_NAMES)
 
 
 @pytest.fixture
@@ -25,21 +30,79 @@ def reader(tiny_cache):
 
 
 def batches_of(dataset) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(volumes.numpy(), labels.numpy()) for volumes, labels in dataset]
+    """(volumes, labels) of every batch; training batches also carry weights, dropped here."""
+    return [(batch[0].numpy(), batch[1].numpy()) for batch in dataset]
+
+
+def weighted_batches_of(dataset) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    return [tuple(part.numpy() for part in batch) for batch in dataset]
 
 
 def test_training_batches_have_the_model_input_shape_and_range(reader):
     rows, labels = split_rows(reader, "train")
-    batch_size = 5  # does not divide the split: every epoch ends with a short batch
-    batches = batches_of(make_training_dataset(reader, rows, labels, batch_size, seed=0, epochs=2))
-    assert len(batches) == 2 * steps_per_epoch(len(rows), batch_size)
-    sizes = [len(volumes) for volumes, _ in batches]
-    assert sizes[: len(sizes) // 2] == sizes[len(sizes) // 2:] and sum(sizes) == 2 * len(rows)
-    for volumes, batch_labels in batches:
+    batch_size = 5  # does not divide the split: every epoch's last batch is padded with weight-0 samples
+    batches = weighted_batches_of(make_training_dataset(reader, rows, labels, batch_size, seed=0, epochs=2))
+    steps = steps_per_epoch(len(rows), batch_size)
+    assert len(batches) == 2 * steps and {len(volumes) for volumes, _, _ in batches} == {batch_size}
+    for volumes, batch_labels, weights in batches:
         assert volumes.shape[1:] == (*reader.shape, 1) and volumes.dtype == np.float32
         assert volumes.min() >= 0.0 and volumes.max() <= 1.0
         assert set(batch_labels.tolist()) <= {0.0, 1.0}
-    assert sorted(np.concatenate([b for _, b in batches[: len(batches) // 2]]).tolist()) == sorted(labels.tolist())
+    for epoch in (batches[:steps], batches[steps:]):
+        epoch_labels = np.concatenate([b for _, b, _ in epoch])
+        epoch_weights = np.concatenate([w for _, _, w in epoch])
+        assert (epoch_weights == 1).sum() == len(rows) and (epoch_weights == 0).sum() == steps * batch_size - len(rows)
+        assert sorted(epoch_labels[epoch_weights == 1].tolist()) == sorted(labels.tolist())
+
+
+def test_class_weights_follow_their_rows_through_the_shuffle(reader):
+    rows, labels = split_rows(reader, "train")
+    class_weights = compute_class_weights(BINARY, labels)
+    batches = weighted_batches_of(make_training_dataset(reader, rows, labels, 4, seed=2, epochs=1,
+                                                        row_weights=sample_weights_of(labels, class_weights)))
+    batch_labels = np.concatenate([b for _, b, _ in batches])
+    weights = np.concatenate([w for _, _, w in batches])
+    real = weights > 0
+    assert real.sum() == len(rows)
+    np.testing.assert_allclose(weights[real], [class_weights[int(label)] for label in batch_labels[real]])
+
+
+@pytest.mark.parametrize("pipelines", [2, 3])
+def test_shards_split_each_global_batch_and_every_worker_runs_the_same_steps(reader, pipelines):
+    # what multi-worker training needs: disjoint rows, all of them, and equal step counts
+    rows, labels = split_rows(reader, "train")
+    per_replica = 2
+    global_batch = per_replica * pipelines
+    whole = weighted_batches_of(make_training_dataset(reader, rows, labels, global_batch, seed=4, epochs=1))
+    parts = [
+        weighted_batches_of(make_training_dataset(reader, rows, labels, per_replica, seed=4, epochs=1,
+                                                  shard=Shard(global_batch, pipelines, index)))
+        for index in range(pipelines)
+    ]
+    steps = steps_per_epoch(len(rows), global_batch)
+    assert [len(part) for part in parts] == [steps] * pipelines
+    for step in range(steps):  # the workers' batches of one step, side by side, are the global batch
+        joined = np.concatenate([part[step][0] for part in parts])
+        np.testing.assert_array_equal(joined, whole[step][0])
+        np.testing.assert_array_equal(np.concatenate([part[step][2] for part in parts]), whole[step][2])
+    assert sum(float((batch[2] > 0).sum()) for part in parts for batch in part) == len(rows)
+
+
+def test_a_shard_must_divide_the_global_batch():
+    with pytest.raises(ValueError):
+        Shard(5, pipelines=2)
+    with pytest.raises(ValueError):
+        Shard(4, pipelines=2, index=2)
+
+
+def test_validation_batches_keep_row_order_and_weigh_padding_zero(reader):
+    rows, labels = split_rows(reader, "val")
+    batches = weighted_batches_of(make_validation_dataset(reader, rows, labels, 4))
+    volumes = np.concatenate([v for v, _, _ in batches])[..., 0]
+    weights = np.concatenate([w for _, _, w in batches])
+    assert len(volumes) == steps_per_epoch(len(rows), 4) * 4
+    np.testing.assert_array_equal(volumes[:len(rows)], np.stack([reader.read_volume(row) for row in rows]))
+    assert weights[:len(rows)].tolist() == [1.0] * len(rows) and not weights[len(rows):].any()
 
 
 def test_an_epoch_plan_visits_every_row_once_with_the_tutorials_angles(reader):
@@ -119,11 +182,16 @@ def test_volumes_are_streamed_not_loaded_up_front(reader):
 
 
 def test_class_weights_balance_the_classes():
-    weights = compute_class_weights(np.array([0, 0, 0, 1]))
+    weights = compute_class_weights(BINARY, np.array([0, 0, 0, 1]))
     assert weights == {0: pytest.approx(4 / 6), 1: pytest.approx(2.0)}
     assert 3 * weights[0] == pytest.approx(1 * weights[1])
     with pytest.raises(UserError, match="no abnormal scans"):
-        compute_class_weights(np.array([0, 0]))
+        compute_class_weights(BINARY, np.array([0, 0]))
+    grades = Task("severity", ("CT-0", "CT-1", "CT-3"))
+    weights = compute_class_weights(grades, np.array([0, 0, 0, 1, 2, 2]))
+    assert [3 * weights[0], 1 * weights[1], 2 * weights[2]] == pytest.approx([2.0, 2.0, 2.0])
+    with pytest.raises(UserError, match="no CT-3 scans"):
+        compute_class_weights(grades, np.array([0, 1]))
 
 
 def test_each_random_stream_gets_its_own_seed():

@@ -14,6 +14,9 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 from preprocess.arguments import (  # noqa: E402
     EXIT_INTERRUPTED, ArgumentParser, configure_logging, non_negative_int, positive_float, positive_int, run_command,
 )
+from train.distribute import STRATEGIES  # noqa: E402
+from train.runs import COLUMNS as RUN_COLUMNS  # noqa: E402
+from train.tasks import TASKS  # noqa: E402
 from train.options import (  # noqa: E402
     MAX_BENCH_SAMPLES, MAX_LEARNING_RATE, MIN_LEARNING_RATE, PADDINGS, PRECISIONS, WHOLE_NUMBER_RANGES, FitOptions,
 )
@@ -50,28 +53,20 @@ def make_parser() -> ArgumentParser:
         description="Train the Keras tutorial's 3D CNN on the cache's train split, keep the model with the best "
         "validation AUC, and test it once on the test split. Everything goes into the run directory.",
     )
-    fit.add_argument("cache", type=Path, metavar="CACHE", help="cache file from `python -m preprocess build`")
-    # "%(default).0s" prints nothing; it only stops the formatter from appending "(default: None)"
-    fit.add_argument("--run-dir", type=Path, default=DEFAULTS.run_dir, metavar="DIR",
-                     help="run directory (default: a new runs/<timestamp>)%(default).0s")
-    fit.add_argument("--epochs", type=whole_number("epochs"), default=DEFAULTS.epochs, help="maximum number of epochs")
-    fit.add_argument("--batch-size", type=whole_number("batch_size"), default=DEFAULTS.batch_size,
-                     help="volumes per batch")
-    fit.add_argument("--lr", "--learning-rate", dest="learning_rate",
-                     type=within(positive_float, MIN_LEARNING_RATE, MAX_LEARNING_RATE),
-                     default=DEFAULTS.learning_rate, help="initial learning rate of Adam (decays x0.96 per 100k steps)")
-    fit.add_argument("--patience", type=whole_number("patience"), default=DEFAULTS.patience,
-                     help="stop after this many epochs without a better validation AUC")
-    fit.add_argument("--seed", type=whole_number("seed"), default=DEFAULTS.seed,
-                     help="seed of the initial weights, the data order and the augmentation")
-    fit.add_argument("--padding", choices=PADDINGS, default=DEFAULTS.padding,
-                     help="convolution padding: 'valid' (the tutorial's) needs >= 46 voxels per axis")
-    fit.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision,
-                     help="Keras dtype policy (the output layer always computes in float32)")
-    fit.add_argument("--resume", action="store_true",
-                     help="continue the interrupted run in --run-dir after its last completed epoch "
-                     "(repeat the run's options; --epochs may change)")
-    fit.add_argument("--quiet", action="store_true", help="no per-epoch lines; only warnings and errors")
+    add_fit_arguments(fit, "run directory (default: a new runs/<timestamp>)%(default).0s",
+                      "continue the interrupted run in --run-dir after its last completed epoch "
+                      "(repeat the run's options; --epochs may change)")
+
+    cv = commands.add_parser(
+        "cv", help="K-fold cross-validation over the train and validation rows", formatter_class=defaults,
+        description="Pool the cache's train and validation rows, deal them into K folds (stratified by class, "
+        "seeded by --seed) and train one run per fold (RUN_DIR/fold-k), validated on its fold. Then report "
+        "mean ± standard deviation over the folds, and evaluate the mean of the K best models once on the "
+        "test split. Everything is written to RUN_DIR/cv_summary.json.",
+    )
+    cv.add_argument("--folds", type=within(positive_int, 2, 100), default=5, metavar="K", help="number of folds")
+    add_fit_arguments(cv, "folder for the fold runs (default: a new runs/<timestamp>-cv)%(default).0s",
+                      "continue an interrupted cross-validation in --run-dir (finished folds are kept)")
 
     evaluate = commands.add_parser(
         "evaluate", help="metrics of a run's best model on a split of a cache", formatter_class=defaults,
@@ -91,6 +86,23 @@ def make_parser() -> ArgumentParser:
     predict.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory written by `fit`")
     predict.add_argument("scans", type=Path, nargs="+", metavar="SCAN", help=".nii or .nii.gz CT scan")
     predict.add_argument("--json", action="store_true", help="print a JSON list instead of sentences")
+    predict.add_argument("--explain", type=Path, default=None, metavar="OUT_DIR",
+                         help="also write a Grad-CAM montage per scan into OUT_DIR (<scan>_gradcam.png): where the "
+                         "last convolutional block looked for the predicted class%(default).0s")
+
+    runs = commands.add_parser(
+        "runs", help="compare run directories in a table", formatter_class=defaults,
+        description="List every run directory under DIR (cross-validation folds included) with its date, cache "
+        "fingerprint, key options and validation and test AUC. Runs trained on another cache than the reference "
+        "are marked with *, so numbers from different data are not compared by mistake.",
+    )
+    runs.add_argument("root", type=Path, nargs="?", default=Path("runs"), metavar="DIR", help="folder of runs")
+    runs.add_argument("--sort", choices=RUN_COLUMNS, default="date",
+                      help="column to sort by (AUCs, accuracy, kappa and date: highest first)")
+    runs.add_argument("--reverse", action="store_true", help="reverse the default order of --sort")
+    runs.add_argument("--cache", type=Path, default=None, metavar="CACHE",
+                      help="mark runs not trained on this cache (default: the cache most runs used)%(default).0s")
+    runs.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
 
     bench = commands.add_parser(
         "bench-input", help="time the training input pipeline alone (no model)", formatter_class=defaults,
@@ -106,10 +118,52 @@ def make_parser() -> ArgumentParser:
     return parser
 
 
+def add_fit_arguments(parser, run_dir_help: str, resume_help: str) -> None:
+    """The options `fit` and `cv` share: one flag per FitOptions field."""
+    parser.add_argument("cache", type=Path, metavar="CACHE", help="cache file from `python -m preprocess build`")
+    # "%(default).0s" prints nothing; it only stops the formatter from appending "(default: None)"
+    parser.add_argument("--run-dir", type=Path, default=DEFAULTS.run_dir, metavar="DIR", help=run_dir_help)
+    parser.add_argument("--task", choices=TASKS, default=DEFAULTS.task,
+                        help="binary: normal vs abnormal (the tutorial's); severity: softmax over the MosMedData "
+                        "grades CT-0 ... CT-4 present in the cache")
+    parser.add_argument("--epochs", type=whole_number("epochs"), default=DEFAULTS.epochs,
+                        help="maximum number of epochs")
+    parser.add_argument("--batch-size", type=whole_number("batch_size"), default=DEFAULTS.batch_size,
+                        help="volumes per batch and replica (the global batch is this times the replicas)")
+    parser.add_argument("--lr", "--learning-rate", dest="learning_rate",
+                        type=within(positive_float, MIN_LEARNING_RATE, MAX_LEARNING_RATE),
+                        default=DEFAULTS.learning_rate,
+                        help="initial learning rate of Adam (decays x0.96 per 100k steps)")
+    parser.add_argument("--patience", type=whole_number("patience"), default=DEFAULTS.patience,
+                        help="stop after this many epochs without a better validation AUC")
+    parser.add_argument("--seed", type=whole_number("seed"), default=DEFAULTS.seed,
+                        help="seed of the initial weights, the data order and the augmentation (and of the folds)")
+    parser.add_argument("--padding", choices=PADDINGS, default=DEFAULTS.padding,
+                        help="convolution padding: 'valid' (the tutorial's) needs >= 46 voxels per axis")
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision,
+                        help="Keras dtype policy (the output layer always computes in float32)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default=DEFAULTS.strategy,
+                        help="tf.distribute strategy: mirrored (one replica per local GPU), multiworker (processes "
+                        "or machines named by TF_CONFIG; needs --run-dir), default (one device), auto (mirrored "
+                        "with more than one GPU, else default)")
+    parser.add_argument("--resume", action="store_true", help=resume_help)
+    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines; only warnings and errors")
+
+
+def fit_options_of(arguments) -> FitOptions:
+    return FitOptions(
+        cache=arguments.cache, run_dir=arguments.run_dir, epochs=arguments.epochs, batch_size=arguments.batch_size,
+        learning_rate=arguments.learning_rate, patience=arguments.patience, seed=arguments.seed,
+        padding=arguments.padding, precision=arguments.precision, strategy=arguments.strategy, task=arguments.task,
+        resume=arguments.resume, quiet=arguments.quiet,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = make_parser().parse_args(argv)
     configure_logging(getattr(arguments, "quiet", False))
-    command = {"fit": run_fit, "evaluate": run_evaluate, "predict": run_predict, "bench-input": run_bench}
+    command = {"fit": run_fit, "cv": run_cv, "evaluate": run_evaluate, "predict": run_predict, "runs": run_runs,
+               "bench-input": run_bench}
     code = run_command(PROG, lambda: command[arguments.command](arguments))
     # A failed command leaves a tf.data pipeline in reference cycles (Keras's traceback filter
     # makes them), and its reader threads may still want the GIL. Free it now: collected at
@@ -121,21 +175,49 @@ def main(argv: list[str] | None = None) -> int:
 def run_fit(arguments) -> int | None:
     from train.fit import fit_model
 
-    options = FitOptions(
-        cache=arguments.cache, run_dir=arguments.run_dir, epochs=arguments.epochs, batch_size=arguments.batch_size,
-        learning_rate=arguments.learning_rate, patience=arguments.patience, seed=arguments.seed,
-        padding=arguments.padding, precision=arguments.precision, resume=arguments.resume, quiet=arguments.quiet,
-    )
     try:
-        report = fit_model(options)
+        report = fit_model(fit_options_of(arguments))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; the run keeps its last completed epoch: continue it with --resume",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    if not report.is_chief:
+        print(f"worker done: {report.state.completed_epochs} epochs; the chief wrote the run to {report.run_dir}")
+        return None
     test = report.test_metrics
+    if test.get("task") == "severity":
+        result = (f"test macro AUC {_number(test.get('macro_auc'))}, quadratic weighted kappa "
+                  f"{_number(test.get('quadratic_weighted_kappa'))}, accuracy {_number(test.get('accuracy'))}")
+    else:
+        result = f"test AUC {_number(test.get('auc'))}, accuracy {_number(test.get('accuracy'))}"
     print(f"run saved in {report.run_dir}: {report.state.completed_epochs} epochs, best val AUC "
-          f"{report.state.best_val_auc:.4f} at epoch {report.state.best_epoch}; test AUC {_number(test.get('auc'))}, "
-          f"accuracy {_number(test.get('accuracy'))} on {test.get('scans')} scans")
+          f"{report.state.best_val_auc:.4f} at epoch {report.state.best_epoch}; {result} on {test.get('scans')} scans")
+
+
+def run_cv(arguments) -> int | None:
+    from train.cv import cross_validate, format_summary
+
+    try:
+        report = cross_validate(fit_options_of(arguments), arguments.folds)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; finished folds and the last completed epoch are kept: continue with --resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(format_summary(report))
+
+
+def run_runs(arguments) -> None:
+    from train.runs import DESCENDING_BY_DEFAULT, format_runs_table, list_runs, runs_as_json, sort_runs
+
+    descending = arguments.sort in DESCENDING_BY_DEFAULT
+    runs = sort_runs(list_runs(arguments.root, arguments.cache), arguments.sort,
+                     descending=not descending if arguments.reverse else descending)
+    if arguments.json:
+        import json
+
+        print(json.dumps(runs_as_json(runs), indent=2))
+    else:
+        print(format_runs_table(runs, None))
 
 
 def run_evaluate(arguments) -> None:
@@ -147,7 +229,8 @@ def run_evaluate(arguments) -> None:
 def run_predict(arguments) -> int:
     from train.predict import predict_scans, print_predictions
 
-    return print_predictions(predict_scans(arguments.run_dir, arguments.scans), arguments.json, PROG)
+    return print_predictions(predict_scans(arguments.run_dir, arguments.scans, arguments.explain), arguments.json,
+                             PROG)
 
 
 def run_bench(arguments) -> None:

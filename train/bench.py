@@ -50,7 +50,7 @@ def benchmark_input(cache: Path, samples: int = 200, batch_size: int = 2, seed: 
         rows, labels = split_rows(reader, "train")
         if len(rows) == 0:
             raise UserError(f"{cache}: the train split is empty")
-        # epochs end with short batches, so count samples, plus one spare epoch
+        # epochs end with padded batches, so count samples, plus one spare epoch
         epochs = -(-(samples + WARMUP_BATCHES * batch_size) // len(rows)) + 1
         dataset = make_training_dataset(reader, rows, labels, batch_size, seed, epochs=epochs)
         with reporting_read_failures():
@@ -60,7 +60,7 @@ def benchmark_input(cache: Path, samples: int = 200, batch_size: int = 2, seed: 
             counted = 0
             start = time.perf_counter()
             while counted < samples:
-                volumes, _ = next(batches)
+                volumes, *_ = next(batches)
                 counted += int(volumes.shape[0])
             seconds = time.perf_counter() - start
     return InputBenchmark(samples=counted, seconds=seconds, peak_rss_bytes=peak_rss_bytes())

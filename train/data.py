@@ -18,6 +18,7 @@ import re
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
@@ -100,52 +101,137 @@ def make_volume_loader(reader: CacheReader):
     return load
 
 
-def make_epoch_plan(rows: np.ndarray, labels: np.ndarray, seed: int, epoch, augment: bool) -> tf.data.Dataset:
-    """One epoch's (row, label, angle) triples: shuffled rows and drawn angles, no volumes yet."""
+@dataclass(frozen=True)
+class Shard:
+    """Which part of every global batch this input pipeline feeds (tf.distribute's InputContext).
+
+    A global batch of `global_batch_size` volumes is cut into `pipelines` equal consecutive parts,
+    one per worker process; this pipeline reads part `index` of each, so workers share the rows
+    of a split (not files) and each reads only its own volumes.
+    """
+
+    global_batch_size: int
+    pipelines: int = 1
+    index: int = 0
+
+    def __post_init__(self):
+        if self.global_batch_size % self.pipelines or not 0 <= self.index < self.pipelines:
+            raise ValueError(f"cannot cut global batches of {self.global_batch_size} into {self.pipelines} "
+                             f"parts and take part {self.index}")
+
+    @classmethod
+    def from_input_context(cls, context, per_replica_batch_size: int) -> "Shard":
+        global_batch_size = per_replica_batch_size * context.num_replicas_in_sync
+        return cls(global_batch_size, context.num_input_pipelines, context.input_pipeline_id)
+
+
+def plan_epoch(rows: np.ndarray, labels: np.ndarray, seed: int, epoch, augment: bool, shuffle: bool = True,
+               weights: np.ndarray | None = None):
+    """One epoch's rows, labels, rotation angles and loss weights (tensors in visiting order), no volumes yet."""
     count = len(rows)
     epoch_seed = lambda stream: tf.random.experimental.stateless_fold_in(  # noqa: E731
         tf.constant(derive_seed(seed, stream)), tf.cast(epoch, tf.int64)
     )
-    order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64), seed=epoch_seed("shuffle"))
+    order = tf.range(count, dtype=tf.int64)
+    if shuffle:
+        order = tf.random.experimental.stateless_shuffle(order, seed=epoch_seed("shuffle"))
     if augment:
         angles = draw_rotation_angles(epoch_seed("rotation"), count)
     else:
         angles = tf.zeros([count], tf.float32)
-    return tf.data.Dataset.from_tensor_slices((
-        tf.gather(tf.constant(rows, tf.int64), order),
-        tf.gather(tf.constant(labels, tf.float32), order),
-        angles,
-    ))
+    weights = np.ones(count, np.float32) if weights is None else np.asarray(weights, np.float32)
+    return (tf.gather(tf.constant(rows, tf.int64), order), tf.gather(tf.constant(labels, tf.float32), order),
+            angles, tf.gather(tf.constant(weights), order))
+
+
+def make_epoch_plan(rows: np.ndarray, labels: np.ndarray, seed: int, epoch, augment: bool) -> tf.data.Dataset:
+    """One epoch's (row, label, angle) triples: shuffled rows and drawn angles, no volumes yet."""
+    return tf.data.Dataset.from_tensor_slices(plan_epoch(rows, labels, seed, epoch, augment)[:3])
+
+
+def shard_plan(planned_rows, planned_labels, angles, weights, shard: Shard):
+    """This pipeline's part of an epoch plan, padded so that every pipeline gets the same whole batches.
+
+    The plan is padded to whole global batches by repeating its first rows with weight 0 (they
+    count in no loss or metric), then each global batch is cut into `shard.pipelines` parts.
+    Every worker so runs the same number of steps, which collective training needs: a worker
+    that ran out of data first would leave the others waiting in an all-reduce.
+    """
+    count = tf.shape(planned_rows, out_type=tf.int64)[0]
+    global_batch_size = tf.constant(shard.global_batch_size, tf.int64)
+    steps = (count + global_batch_size - 1) // global_batch_size
+    positions = tf.range(steps * global_batch_size)
+    padded = positions % count  # the padding repeats the plan's first rows...
+    weights = tf.where(positions < count, tf.gather(weights, padded), 0.0)  # ...with weight 0
+    part = shard.global_batch_size // shard.pipelines
+
+    def take_part(values):  # (steps x global batch, ...) -> this pipeline's (steps x part, ...)
+        trailing = tf.shape(values, out_type=tf.int64)[1:]
+        values = tf.reshape(values, tf.concat([tf.stack([steps, shard.pipelines, part]), trailing], 0))
+        return tf.reshape(values[:, shard.index], tf.concat([[-1], trailing], 0))
+
+    return (take_part(tf.gather(planned_rows, padded)), take_part(tf.gather(planned_labels, padded)),
+            take_part(tf.gather(angles, padded)), take_part(weights))
+
+
+def sample_weights_of(classes: np.ndarray, class_weights: dict[int, float]) -> np.ndarray:
+    """Each row's loss weight: the weight of its class."""
+    return np.array([class_weights[int(value)] for value in np.asarray(classes)], np.float32)
 
 
 def make_training_dataset(reader: CacheReader, rows: np.ndarray, labels: np.ndarray, batch_size: int,
-                          seed: int, first_epoch: int = 0, epochs: int = 1, augment: bool = True) -> tf.data.Dataset:
-    """Batches of (volume (B, H, W, D, 1), label (B,)) for epochs first_epoch .. epochs - 1 in a row.
+                          seed: int, first_epoch: int = 0, epochs: int = 1, augment: bool = True,
+                          row_weights: np.ndarray | None = None,
+                          shard: Shard | None = None) -> tf.data.Dataset:
+    """Batches of (volume (B, H, W, D, 1), target, weight (B,)) for epochs first_epoch .. epochs - 1.
 
-    Every epoch is a new shuffle with new angles and ends with its own (possibly short) batch, so
-    Keras can consume it with steps_per_epoch = ceil(len(rows) / batch_size).
+    `labels` are the targets: (N,) labels for the binary task, (N, classes) one-hot grades for
+    severity; `row_weights` (default 1) are the rows' loss weights (their class weights).
+
+    `batch_size` is per replica. Every epoch is a new shuffle with new angles, padded to whole
+    global batches with weight-0 samples and cut into this pipeline's part (see `shard_plan`),
+    so each epoch is steps_per_epoch(len(rows), global batch size) steps on every worker.
+    Without `shard`, this pipeline is the only one and feeds one replica.
     """
     if len(rows) == 0:
         raise UserError("the training split is empty")
+    shard = shard or Shard(batch_size)
     load_volume = make_volume_loader(reader)
 
-    def load(row, label, angle):
+    def load(row, label, angle, weight):
         volume = load_volume(row)
         if augment:
             volume = rotate_volume(volume, angle)
-        return volume[..., tf.newaxis], label
+        return volume[..., tf.newaxis], label, weight
 
     def make_epoch(epoch):
-        plan = make_epoch_plan(rows, labels, seed, epoch, augment)
-        return plan.map(load, num_parallel_calls=PARALLEL_CALLS).batch(batch_size)
+        plan = shard_plan(*plan_epoch(rows, labels, seed, epoch, augment, weights=row_weights), shard)
+        return tf.data.Dataset.from_tensor_slices(plan).map(load, num_parallel_calls=PARALLEL_CALLS).batch(batch_size)
 
     epochs_dataset = tf.data.Dataset.range(first_epoch, epochs)
     return epochs_dataset.flat_map(make_epoch).prefetch(PREFETCH_BATCHES)
 
 
+def make_validation_dataset(reader: CacheReader, rows: np.ndarray, labels: np.ndarray, batch_size: int,
+                            shard: Shard | None = None) -> tf.data.Dataset:
+    """Batches of (volume, label, weight) in row order, never augmented, padded and cut as in training."""
+    if len(rows) == 0:
+        raise UserError("the validation split is empty")
+    shard = shard or Shard(batch_size)
+    load_volume = make_volume_loader(reader)
+    plan = shard_plan(*plan_epoch(rows, labels, seed=0, epoch=0, augment=False, shuffle=False), shard)
+    return (
+        tf.data.Dataset.from_tensor_slices(plan)
+        .map(lambda row, label, angle, weight: (load_volume(row)[..., tf.newaxis], label, weight),
+             num_parallel_calls=PARALLEL_CALLS)
+        .batch(batch_size)
+        .prefetch(PREFETCH_BATCHES)
+    )
+
+
 def make_evaluation_dataset(reader: CacheReader, rows: np.ndarray, labels: np.ndarray,
                             batch_size: int) -> tf.data.Dataset:
-    """Batches of (volume, label) in row order, never augmented (validation, test, evaluate)."""
+    """Batches of (volume, label) in row order, never augmented (test, evaluate, predict; one process)."""
     load_volume = make_volume_loader(reader)
     plan = tf.data.Dataset.from_tensor_slices((tf.constant(rows, tf.int64), tf.constant(labels, tf.float32)))
     return (

@@ -12,6 +12,7 @@ from preprocess.cache import CacheReader, Preprocessing
 from preprocess.errors import UserError
 from train.native_logs import load_tensorflow
 from train.run import open_run
+from train.tasks import Task, class_indices, task_from_config
 
 log = logging.getLogger(__name__)
 
@@ -35,45 +36,68 @@ def check_same_preprocessing(config: dict, reader: CacheReader, run_dir: Path) -
 
 
 def predict_split(model, reader: CacheReader, rows: np.ndarray, batch_size: int = EVALUATION_BATCH_SIZE) -> np.ndarray:
-    """P(abnormal) for each row, in row order, streamed from the cache without augmentation."""
+    """The model's probabilities for each row, in row order, streamed from the cache without augmentation:
+    P(abnormal) (N,) for a binary model, grade probabilities (N, classes) for a severity model."""
     from train.data import make_evaluation_dataset, reporting_read_failures
 
+    outputs = int(model.output_shape[-1])
     if len(rows) == 0:
-        return np.zeros(0, dtype=np.float64)
+        return np.zeros((0,) if outputs == 1 else (0, outputs), dtype=np.float64)
     dataset = make_evaluation_dataset(reader, rows, reader.labels[rows], batch_size)
     volumes_only = dataset.map(lambda volume, label: volume)
     with reporting_read_failures():
-        probabilities = model.predict(volumes_only, verbose=0)
-    return np.asarray(probabilities, dtype=np.float64).reshape(-1)
+        probabilities = np.asarray(model.predict(volumes_only, verbose=0), dtype=np.float64)
+    return probabilities.reshape(-1) if outputs == 1 else probabilities.reshape(len(rows), outputs)
 
 
-def evaluate_model(model, reader: CacheReader, split: str) -> dict:
-    """The classification report (see `train.metrics`) of `model` on a split of the cache."""
-    from train.metrics import compute_classification_report
+def report_from_probabilities(task: Task, classes: np.ndarray, probabilities: np.ndarray) -> dict:
+    """The task's report: binary (accuracy, AUC, sensitivity, specificity) or severity (macro AUC, kappa...)."""
+    from train.metrics import compute_classification_report, compute_severity_report
 
-    rows = reader.split(split)
+    if task.is_binary:
+        return compute_classification_report(classes, probabilities)
+    return compute_severity_report(classes, probabilities, task.class_names, task.grade_numbers)
+
+
+def evaluate_rows(model, reader: CacheReader, rows: np.ndarray, task: Task, name: str) -> dict:
+    """The report (see `train.metrics`) of `model` on some rows of the cache, labelled `name`."""
     if len(rows) == 0:
-        log.warning("the %s split of %s is empty; its metrics are undefined", split, reader.path)
+        log.warning("the %s rows of %s are none; their metrics are undefined", name, reader.path)
     probabilities = predict_split(model, reader, rows)
-    return {"split": split, **compute_classification_report(reader.labels[rows], probabilities)}
+    return {"split": name, "task": task.name,
+            **report_from_probabilities(task, class_indices(task, reader, rows), probabilities)}
+
+
+def evaluate_model(model, reader: CacheReader, split: str, task: Task) -> dict:
+    """The report of `model` on a split of the cache."""
+    return evaluate_rows(model, reader, reader.split(split), task, split)
 
 
 def evaluate_run(run_dir: Path, cache: Path, split: str = "test") -> dict:
     """Metrics of the run's best model on `split` of `cache`; refuses a differently preprocessed cache."""
     config = open_run(run_dir)
+    task = task_from_config(config)
     with CacheReader(cache) as reader:
         check_same_preprocessing(config, reader, run_dir)
+        rows = reader.split(split)
+        class_indices(task, reader, rows)  # a grade the run does not know: refused before the model loads
         load_tensorflow()  # only once the inputs are valid: bad input is refused in a second
         from train.model import load_best_model
 
         model = load_best_model(Path(run_dir))
-        report = evaluate_model(model, reader, split)
+        report = evaluate_model(model, reader, split, task)
         return {"run_dir": str(run_dir), "cache": str(cache), "cache_fingerprint": reader.fingerprint, **report}
+
+
+def _number(value) -> str:
+    return "undefined" if value is None or value != value else f"{value:.4f}"
 
 
 def format_report(report: dict) -> str:
     """The report as a few aligned lines for the terminal."""
-    number = lambda value: "undefined" if value is None or value != value else f"{value:.4f}"  # noqa: E731
+    if report.get("task") == "severity":
+        return format_severity_report(report)
+    number = _number
     (true_negatives, false_positives), (false_negatives, true_positives) = report["confusion_matrix"]
     return "\n".join([
         f"{report['split']} split: {report['scans']} scans",
@@ -85,3 +109,23 @@ def format_report(report: dict) -> str:
         f"  true normal      {true_negatives:16d}  {false_positives:18d}",
         f"  true abnormal    {false_negatives:16d}  {true_positives:18d}",
     ])
+
+
+def format_severity_report(report: dict) -> str:
+    """A severity report: headline metrics, then per grade AUC and recall, then the confusion matrix."""
+    names = report["class_names"]
+    width = max(len(name) for name in names) + 2
+    lines = [
+        f"{report['split']} split: {report['scans']} scans, grades {', '.join(names)}",
+        f"accuracy                  {_number(report['accuracy'])}",
+        f"macro one-vs-rest AUC     {_number(report['macro_auc'])}",
+        f"quadratic weighted kappa  {_number(report['quadratic_weighted_kappa'])}",
+        f"{'grade':<{width}}{'AUC':>8}{'recall':>9}",
+    ]
+    lines += [f"{name:<{width}}{_number(report['auc_per_grade'][name]):>8}{_number(report['recall_per_grade'][name]):>9}"
+              for name in names]
+    lines.append("confusion matrix (rows: true grade, columns: predicted)")
+    lines.append(" " * width + "".join(f"{name:>{width}}" for name in names))
+    lines += [f"{name:<{width}}" + "".join(f"{count:>{width}d}" for count in row)
+              for name, row in zip(names, report["confusion_matrix"])]
+    return "\n".join(lines)

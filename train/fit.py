@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from importlib import metadata
@@ -19,6 +20,7 @@ from pathlib import Path
 from preprocess.cache import CacheReader
 from preprocess.errors import UserError
 from train.architecture import check_input_shape
+from train.distribute import ClusterRole, read_cluster_role
 from train.evaluate import preprocessing_as_json
 from train.native_logs import load_tensorflow
 from train.options import FitOptions, changed_options, check_fit_options
@@ -28,7 +30,8 @@ from train.run import (
     locked_run_dir, make_run_dir, read_history, read_state, remove_other_models, remove_stale_temporaries,
     write_history,
 )
-from train.splits import compute_class_weights, split_rows
+from train.splits import rows_and_classes
+from train.tasks import compute_class_weights, make_task, task_from_config
 
 log = logging.getLogger(__name__)
 
@@ -38,46 +41,118 @@ class FitReport:
     run_dir: Path
     state: TrainingState
     test_metrics: dict
+    is_chief: bool = True
 
 
 def fit_model(options: FitOptions) -> FitReport:
-    """Train a model as `options` say (see `FitOptions`) and return where and how it went."""
+    """Train a model as `options` say (see `FitOptions`) and return where and how it went.
+
+    In a multi-worker run every worker calls this; only the chief prepares, locks and writes the
+    run directory, and the others train alongside it with a scratch folder (see `train.distribute`).
+    """
     check_fit_options(options)
+    role = read_cluster_role(options.strategy)
     with CacheReader(options.cache) as reader:
         for split in ("train", "val"):
             if len(reader.split(split)) == 0:
                 raise UserError(f"{options.cache}: the {split} split is empty; rebuild the cache with "
                                 "more scans or other --val-fraction / --test-fraction")
         check_input_shape(reader.shape, options.padding)
-        if options.precision == "mixed_float16":
+        if options.precision == "mixed_float16" and options.strategy != "multiworker":
+            # refused before any folder is made; a multi-worker run checks once its strategy exists
             load_tensorflow()
             from train.training import check_precision_supported
 
             check_precision_supported(options.precision)
-        if options.run_dir is None:
-            run_dir = create_new_run_dir(default_run_dir())
-        else:
-            run_dir = Path(options.run_dir)
-            if options.resume and not (run_dir / CONFIG).is_file():
-                raise UserError(f"--resume: {run_dir} holds no run to continue (no {CONFIG})")
-            if not options.resume and run_dir.is_dir():
-                check_new_run_dir(run_dir)  # before the lock file: a folder that is not ours is not touched
-            make_run_dir(run_dir)
+        if not role.is_chief:
+            return fit_as_worker(options, reader, role)
+        run_dir = prepare_run_dir(options)
         options = replace(options, run_dir=run_dir)
         with locked_run_dir(run_dir):
             if options.resume:
                 state, history = reopen_run(run_dir, options, reader)
             else:
                 state, history = create_run(run_dir, options, reader)
+            strategy = start_strategy(options)  # imports TensorFlow: only once the inputs are valid
+            record_distribution(run_dir, strategy, options)
             if state.stopped_early or state.completed_epochs >= options.epochs:
                 log.info("%s: nothing left to train (%d epochs done%s)", run_dir, state.completed_epochs,
                          ", stopped early" if state.stopped_early else "")
             else:
-                load_tensorflow()  # only once the inputs are valid: bad input is refused in a second
                 from train.training import run_training
 
-                state = run_training(reader, run_dir, options, state, history)
-            return finish_run(run_dir, reader, state)
+                state = run_training(reader, run_dir, options, state, history, strategy)
+            return finish_run(run_dir, reader, state, options)
+
+
+def prepare_run_dir(options: FitOptions) -> Path:
+    """The run directory to write, created if needed; refuses a folder that cannot take this run."""
+    if options.run_dir is None:
+        return create_new_run_dir(default_run_dir())
+    run_dir = Path(options.run_dir)
+    if options.resume and not (run_dir / CONFIG).is_file():
+        raise UserError(f"--resume: {run_dir} holds no run to continue (no {CONFIG})")
+    if not options.resume and run_dir.is_dir():
+        check_new_run_dir(run_dir)  # before the lock file: a folder that is not ours is not touched
+    make_run_dir(run_dir)
+    return run_dir
+
+
+def start_strategy(options: FitOptions):
+    """Import TensorFlow and create the --strategy (before any other TensorFlow op, as tf.distribute needs)."""
+    load_tensorflow()
+    from train.distribute import make_strategy
+    from train.training import check_precision_supported
+
+    strategy = make_strategy(options.strategy)
+    check_precision_supported(options.precision)
+    return strategy
+
+
+def record_distribution(run_dir: Path, strategy, options: FitOptions) -> None:
+    """Write the strategy's replicas and global batch into config.json; a resume must keep them."""
+    from train.distribute import describe_strategy
+
+    distribution = describe_strategy(strategy)
+    distribution["global_batch_size"] = options.batch_size * distribution["replicas"]
+    config = read_json(run_dir / CONFIG)
+    recorded = config.get("distribution")
+    if recorded is not None and recorded.get("replicas") != distribution["replicas"]:
+        raise UserError(f"--resume: the run trained on {recorded.get('replicas')} replicas and this strategy has "
+                        f"{distribution['replicas']}: the global batch would change; resume it as it was started")
+    if recorded != distribution:
+        config["distribution"] = distribution
+        write_json_atomically(run_dir / CONFIG, config)
+    log.info("strategy %s: %d replica(s) on %d worker(s), global batch %d", distribution["strategy"],
+             distribution["replicas"], distribution["workers"], distribution["global_batch_size"])
+
+
+def fit_as_worker(options: FitOptions, reader: CacheReader, role: ClusterRole) -> FitReport:
+    """Train as a non-chief worker: read the run directory (to resume), write nothing there.
+
+    The worker commits its epochs into a scratch folder that is deleted when training ends:
+    saving runs the same ops on every worker, and nothing it writes can be mistaken for a result.
+    """
+    run_dir = Path(options.run_dir)
+    state, history = TrainingState(), []
+    if options.resume:
+        if not (run_dir / CONFIG).is_file():
+            raise UserError(f"--resume: {run_dir} holds no run to continue (no {CONFIG}); workers must see the "
+                            "chief's run directory at the same path (shared storage)")
+        check_resumable(run_dir, options, reader)
+        state = read_state(run_dir)
+    strategy = start_strategy(options)
+    if state.stopped_early or state.completed_epochs >= options.epochs:
+        return FitReport(run_dir, state, {}, is_chief=False)
+    from train.training import run_training
+
+    with tempfile.TemporaryDirectory(prefix=f"mosmed3d-{role.task_type}-{role.task_index}-") as scratch:
+        # the model to resume from is read from the shared run directory, and the scratch folder takes the writes
+        state = run_training(reader, Path(scratch), replace(options, run_dir=run_dir), state, history, strategy,
+                             is_chief=False)
+    log.info("%s finished %d epochs; the chief wrote the run directory %s", role.describe(),
+             state.completed_epochs, run_dir)
+    return FitReport(run_dir, state, {}, is_chief=False)
 
 
 def create_run(run_dir: Path, options: FitOptions, reader: CacheReader) -> tuple[TrainingState, list[dict]]:
@@ -101,14 +176,7 @@ def check_new_run_dir(run_dir: Path) -> None:
 def reopen_run(run_dir: Path, options: FitOptions, reader: CacheReader) -> tuple[TrainingState, list[dict]]:
     """The committed state and history of an interrupted run (call with the lock held), after checking it
     matches `options`; whatever a killed process left beyond the last commit is removed."""
-    config = read_json(run_dir / CONFIG)
-    if not all(isinstance(config.get(section, {}), dict) for section in ("options", "cache")):
-        raise UserError(f"{run_dir / CONFIG}: damaged; not a config of this tool")
-    changes = changed_options(config.get("options", {}), options)
-    if changes:
-        raise UserError(f"--resume must repeat the run's options; changed: {'; '.join(changes)}")
-    if config.get("cache", {}).get("fingerprint") != reader.fingerprint:
-        raise UserError(f"--resume: {options.cache} is not the cache {run_dir} was trained on (fingerprints differ)")
+    config = check_resumable(run_dir, options, reader)
     remove_stale_temporaries(run_dir)
     state = read_state(run_dir)
     for name in (state.last_model, state.best_model):
@@ -125,18 +193,35 @@ def reopen_run(run_dir: Path, options: FitOptions, reader: CacheReader) -> tuple
     return state, history
 
 
+def check_resumable(run_dir: Path, options: FitOptions, reader: CacheReader) -> dict:
+    """The run's config, after checking that `options` and the cache are the ones it was started with."""
+    config = read_json(run_dir / CONFIG)
+    if not all(isinstance(config.get(section, {}), dict) for section in ("options", "cache")):
+        raise UserError(f"{run_dir / CONFIG}: damaged; not a config of this tool")
+    changes = changed_options(config.get("options", {}), options)
+    if changes:
+        raise UserError(f"--resume must repeat the run's options; changed: {'; '.join(changes)}")
+    if config.get("cache", {}).get("fingerprint") != reader.fingerprint:
+        raise UserError(f"--resume: {options.cache} is not the cache {run_dir} was trained on (fingerprints differ)")
+    return config
+
+
 def make_config(options: FitOptions, reader: CacheReader) -> dict:
-    """config.json: options, the cache's preprocessing, attributes and fingerprint, sizes, versions."""
+    """config.json: options, the cache's preprocessing, attributes and fingerprint, task, sizes, versions."""
+    task = make_task(options.task, reader)
+    (train_rows, train_classes), (val_rows, _) = rows_and_classes(reader, options, task)
+    class_weights = compute_class_weights(task, train_classes)  # refuses a class without training scans
     splits = {name: int(len(reader.split(name))) for name in ("train", "val", "test")}
-    _, train_labels = split_rows(reader, "train")
+    if options.fold is not None:
+        splits.update(train=int(len(train_rows)), val=int(len(val_rows)), test=0)
     return {
         "options": options.to_json(),
         "preprocessing": preprocessing_as_json(reader.preprocessing),
         "cache": {"path": str(options.cache), "fingerprint": reader.fingerprint, "attributes": reader.attributes},
         "input_shape": list(reader.shape),
-        "class_names": ["normal", "abnormal"],
+        "class_names": list(task.class_names),
         "split_sizes": splits,
-        "class_weights": {str(label): weight for label, weight in compute_class_weights(train_labels).items()},
+        "class_weights": {task.class_names[index]: weight for index, weight in class_weights.items()},
         "versions": {name: _version(name) for name in ("mosmed3d", "tensorflow", "keras", "h5py", "numpy")}
         | {"python": platform.python_version()},
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -150,10 +235,14 @@ def _version(package: str) -> str:
         return "unknown"
 
 
-def finish_run(run_dir: Path, reader: CacheReader, state: TrainingState) -> FitReport:
-    """Plot the curves and, once per run, evaluate the best model on the test split."""
+def finish_run(run_dir: Path, reader: CacheReader, state: TrainingState, options: FitOptions) -> FitReport:
+    """Plot the curves and, once per run, evaluate the best model on the test split.
+
+    A cross-validation fold is evaluated on its own validation fold instead: `train cv` keeps
+    the test split for its final report.
+    """
     load_tensorflow()
-    from train.evaluate import evaluate_model
+    from train.evaluate import evaluate_model, evaluate_rows
     from train.model import load_trained_model
     from train.plots import save_training_curves
 
@@ -168,9 +257,15 @@ def finish_run(run_dir: Path, reader: CacheReader, state: TrainingState) -> FitR
         if recorded.get("model") == state.best_model:
             return FitReport(run_dir, state, recorded)
     model = load_trained_model(run_dir / state.best_model)
-    report = evaluate_model(model, reader, "test")
+    task = task_from_config(read_json(run_dir / CONFIG))
+    if options.fold is None:
+        report = evaluate_model(model, reader, "test", task)
+    else:
+        _, (val_rows, _) = rows_and_classes(reader, options, task)
+        report = evaluate_rows(model, reader, val_rows, task, f"val (fold {options.fold} of {options.folds})")
     metrics = {"model": state.best_model, "best_epoch": state.best_epoch, "best_val_auc": state.best_val_auc,
                "cache_fingerprint": reader.fingerprint, **report}
     write_json_atomically(metrics_path, metrics)
-    log.info("test split of %s: %s", reader.path, json.dumps({k: metrics[k] for k in ("accuracy", "auc")}))
+    headline = ("accuracy", "auc") if task.is_binary else ("accuracy", "macro_auc", "quadratic_weighted_kappa")
+    log.info("%s split of %s: %s", report["split"], reader.path, json.dumps({k: metrics[k] for k in headline}))
     return FitReport(run_dir, state, metrics)

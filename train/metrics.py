@@ -26,8 +26,11 @@ class Specificity(keras.metrics.Metric):
         ops = keras.ops
         negative = ops.reshape(ops.cast(y_true, "float32") < 0.5, (-1,))
         called_positive = ops.reshape(ops.cast(y_pred, "float32") >= self.threshold, (-1,))
-        self.true_negatives.assign_add(ops.sum(ops.cast(negative & ~called_positive, "float32")))
-        self.false_positives.assign_add(ops.sum(ops.cast(negative & called_positive, "float32")))
+        # weighted like Keras's own metrics: padding samples (weight 0) count for nothing
+        weight = ops.ones_like(ops.cast(negative, "float32")) if sample_weight is None \
+            else ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
+        self.true_negatives.assign_add(ops.sum(ops.cast(negative & ~called_positive, "float32") * weight))
+        self.false_positives.assign_add(ops.sum(ops.cast(negative & called_positive, "float32") * weight))
 
     def result(self):
         return keras.ops.divide_no_nan(self.true_negatives, self.true_negatives + self.false_positives)
@@ -36,8 +39,8 @@ class Specificity(keras.metrics.Metric):
         return {**super().get_config(), "threshold": self.threshold}
 
 
-def make_training_metrics() -> list[keras.metrics.Metric]:
-    """The metrics `fit` logs per epoch; their names are history.csv's columns."""
+def make_binary_training_metrics() -> list[keras.metrics.Metric]:
+    """The binary task's per-epoch metrics; their names are history.csv's columns."""
     return [
         keras.metrics.BinaryAccuracy(name="accuracy", threshold=THRESHOLD),
         keras.metrics.AUC(name="auc"),
@@ -77,4 +80,58 @@ def compute_classification_report(labels: np.ndarray, probabilities: np.ndarray,
         "specificity": ratio(true_negatives, true_negatives + false_positives),
         # rows: true class (normal, abnormal); columns: predicted class (normal, abnormal)
         "confusion_matrix": [[true_negatives, false_positives], [false_negatives, true_positives]],
+    }
+
+
+def compute_quadratic_weighted_kappa(true_grades: np.ndarray, predicted_grades: np.ndarray,
+                                     grade_numbers: tuple[int, ...]) -> float:
+    """Cohen's kappa with quadratic weights (i - j)^2 on the grade numbers: 1 perfect, 0 chance.
+
+    The weights use the grades' own numbers (CT-0 ... CT-4), so with a grade missing from the
+    cache, calling CT-3 for CT-1 still costs four times calling CT-2.
+    """
+    true_grades, predicted_grades = np.asarray(true_grades, int), np.asarray(predicted_grades, int)
+    classes = len(grade_numbers)
+    observed = np.zeros((classes, classes))
+    np.add.at(observed, (true_grades, predicted_grades), 1)
+    if observed.sum() == 0:
+        return float("nan")
+    numbers = np.asarray(grade_numbers, dtype=np.float64)
+    weights = (numbers[:, None] - numbers[None, :]) ** 2
+    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / observed.sum()
+    disagreement_by_chance = (weights * expected).sum()
+    if disagreement_by_chance == 0:
+        return float("nan")  # one grade only: kappa is undefined
+    return float(1.0 - (weights * observed).sum() / disagreement_by_chance)
+
+
+def compute_severity_report(true_grades: np.ndarray, probabilities: np.ndarray, class_names: tuple[str, ...],
+                            grade_numbers: tuple[int, ...]) -> dict:
+    """Accuracy, macro one-vs-rest AUC, per-grade AUC and recall, quadratic weighted kappa, confusion matrix.
+
+    The predicted grade is the most probable one. A grade absent from the scans has an undefined
+    AUC and recall (NaN) and is left out of the macro AUC.
+    """
+    true_grades = np.asarray(true_grades).astype(int).reshape(-1)
+    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(len(true_grades), len(class_names))
+    predicted = probabilities.argmax(axis=1) if len(true_grades) else np.zeros(0, int)
+    per_grade_auc = {name: compute_roc_auc((true_grades == index).astype(int), probabilities[:, index])
+                     for index, name in enumerate(class_names)}
+    defined = [value for value in per_grade_auc.values() if value == value]
+    recall = {}
+    for index, name in enumerate(class_names):
+        members = true_grades == index
+        recall[name] = float((predicted[members] == index).mean()) if members.any() else float("nan")
+    confusion = np.zeros((len(class_names), len(class_names)), dtype=int)
+    np.add.at(confusion, (true_grades, predicted), 1)
+    return {
+        "scans": int(len(true_grades)),
+        "class_names": list(class_names),
+        "accuracy": float((predicted == true_grades).mean()) if len(true_grades) else float("nan"),
+        "macro_auc": float(np.mean(defined)) if defined else float("nan"),
+        "auc_per_grade": per_grade_auc,
+        "recall_per_grade": recall,
+        "quadratic_weighted_kappa": compute_quadratic_weighted_kappa(true_grades, predicted, grade_numbers),
+        # rows: true grade; columns: predicted grade (both in class_names order)
+        "confusion_matrix": confusion.tolist(),
     }

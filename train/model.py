@@ -13,11 +13,13 @@ from train.run import best_model_path, read_state
 
 
 def build_model(input_shape: tuple[int, int, int], padding: str = "valid", precision: str = "float32",
-                architecture: Architecture = TUTORIAL, name: str = "3dcnn") -> keras.Model:
-    """Functional 3D CNN for (H, W, D) volumes with a channel axis; returns P(abnormal).
+                architecture: Architecture = TUTORIAL, name: str = "3dcnn", classes: int = 1) -> keras.Model:
+    """Functional 3D CNN for (H, W, D) volumes with a channel axis.
 
-    `precision` is a Keras dtype policy for every layer except the output, which stays float32
-    so the sigmoid and the loss are not computed in 16 bits.
+    With `classes` 1 it returns P(abnormal) (the tutorial's sigmoid); with more, a softmax over
+    that many classes (the severity grades). `precision` is a Keras dtype policy for every layer
+    except the output, which stays float32 so the probabilities and the loss are not computed
+    in 16 bits.
     """
     check_input_shape(tuple(input_shape), padding, architecture)
     inputs = keras.Input((*input_shape, 1), name="volume")
@@ -30,7 +32,10 @@ def build_model(input_shape: tuple[int, int, int], padding: str = "valid", preci
     features = layers.GlobalAveragePooling3D(dtype=precision, name="global_pool")(features)
     features = layers.Dense(architecture.dense_units, activation="relu", dtype=precision, name="dense")(features)
     features = layers.Dropout(architecture.dropout_rate, dtype=precision, name="dropout")(features)
-    outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="probability_abnormal")(features)
+    if classes == 1:
+        outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="probability_abnormal")(features)
+    else:
+        outputs = layers.Dense(classes, activation="softmax", dtype="float32", name="grade_probabilities")(features)
     return keras.Model(inputs, outputs, name=name)
 
 

@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from preprocess.errors import UserError
+from train.distribute import STRATEGIES
+from train.tasks import TASKS
 
 PADDINGS = ("valid", "same")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -40,6 +42,12 @@ class FitOptions:
     seed: int = 0
     padding: str = "valid"
     precision: str = "float32"
+    strategy: str = "auto"  # see train.distribute
+    task: str = "binary"  # see train.tasks
+    # cross-validation (set by `train cv`, not a `fit` flag): train on every fold of the train and
+    # validation rows but `fold` (1-based), validate on that one, and leave the test split alone
+    fold: int | None = None
+    folds: int | None = None
     resume: bool = False
     quiet: bool = False
 
@@ -62,6 +70,16 @@ def check_fit_options(options: FitOptions) -> None:
         raise UserError(f"--padding must be one of {', '.join(PADDINGS)}, got {options.padding!r}")
     if options.precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
+    if options.task not in TASKS:
+        raise UserError(f"--task must be one of {', '.join(TASKS)}, got {options.task!r}")
+    if (options.fold is None) != (options.folds is None) or (
+            options.folds is not None and not 1 <= options.fold <= options.folds):
+        raise UserError(f"fold {options.fold} of {options.folds} is not a fold")
+    if options.strategy not in STRATEGIES:
+        raise UserError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {options.strategy!r}")
+    if options.strategy == "multiworker" and options.run_dir is None:
+        raise UserError("--strategy multiworker needs --run-dir: every worker names the same run directory "
+                        "(on storage they all see); only the chief writes it")
     if options.resume and options.run_dir is None:
         raise UserError("--resume needs --run-dir: the run directory to continue")
 

@@ -4,9 +4,11 @@ The shape and Hounsfield window come from the run's config.json (copied from the
 the transform is `preprocess.volume.preprocess_scan`, the function that built the cache. A run
 made by a version of the code that resampled or oriented differently is refused.
 
-Output: one line per scan with the tutorial's sentence for the predicted class, e.g.
-"This model is 97.12 percent confident that the CT scan is abnormal". (The tutorial prints
-the sentence for both classes; the second is 100 minus the first, so it says nothing new.)
+Output: one line per scan. A binary run prints the tutorial's sentence for the predicted class,
+e.g. "This model is 97.12 percent confident that the CT scan is abnormal" (the tutorial prints
+the sentence for both classes; the second is 100 minus the first, so it says nothing new). A
+severity run prints the most likely grade and every grade's probability. With `explain_dir`,
+each scan also gets a Grad-CAM montage (see `train.explain`).
 """
 from __future__ import annotations
 
@@ -14,14 +16,17 @@ import json
 import logging
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 from preprocess.errors import UserError
 from preprocess.volume import CANONICAL_ORIENTATION, RESAMPLE_METHOD, ScanError, preprocess_scan
 from train.native_logs import load_tensorflow
 from train.options import DECISION_THRESHOLD as THRESHOLD
 from train.run import open_run
+from train.tasks import task_from_config
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +39,15 @@ class Prediction:
     """One scan's result: a probability, or the reason it could not be read."""
 
     scan: str
-    probability_abnormal: float | None = None
+    probability_abnormal: float | None = None  # binary runs
+    grade_probabilities: dict[str, float] | None = None  # severity runs, by grade
     error: str | None = None
+    explanation: str | None = None  # the Grad-CAM montage written for this scan
 
     @property
     def predicted_class(self) -> str | None:
+        if self.grade_probabilities is not None:
+            return max(self.grade_probabilities, key=self.grade_probabilities.get)
         if self.probability_abnormal is None:
             return None
         return CLASS_NAMES[int(self.probability_abnormal >= THRESHOLD)]
@@ -46,6 +55,8 @@ class Prediction:
     @property
     def confidence_percent(self) -> float | None:
         """The probability of the predicted class, in percent."""
+        if self.grade_probabilities is not None:
+            return 100.0 * max(self.grade_probabilities.values())
         if self.probability_abnormal is None:
             return None
         probability = self.probability_abnormal
@@ -73,18 +84,25 @@ def run_preprocessing(config: dict, run_dir: Path) -> tuple[tuple[int, int, int]
     return shape, hu_min, hu_max
 
 
-def predict_scans(run_dir: Path, scans: list[Path]) -> list[Prediction]:
-    """P(abnormal) for every scan, in order; a scan that cannot be used gets an error instead."""
+def predict_scans(run_dir: Path, scans: list[Path], explain_dir: Path | None = None) -> list[Prediction]:
+    """The model's probabilities for every scan, in order; a scan that cannot be used gets an error instead.
+
+    With `explain_dir`, each scan's Grad-CAM montage is written there as <scan name>_gradcam.png.
+    """
     run_dir = Path(run_dir)
     config = open_run(run_dir)
+    task = task_from_config(config)
     shape, hu_min, hu_max = run_preprocessing(config, run_dir)
+    if explain_dir is not None:
+        make_explain_dir(Path(explain_dir))
     load_tensorflow()  # only once the run is valid: bad input is refused in a second
     from train.model import load_best_model
 
     model = load_best_model(run_dir)
-    if model.input_shape != (None, *shape, 1) or model.output_shape != (None, 1):
+    if model.input_shape != (None, *shape, 1) or model.output_shape != (None, task.output_units):
         raise UserError(f"{run_dir}: its model maps {model.input_shape} to {model.output_shape}, not volumes of "
-                        f"config.json's shape {shape} to one probability; the run directory was changed by hand")
+                        f"config.json's shape {shape} to {task.output_units} output(s) for its "
+                        f"{task.classes} classes; the run directory was changed by hand")
     predictions = []
     for scan in scans:
         try:
@@ -98,9 +116,39 @@ def predict_scans(run_dir: Path, scans: list[Path]) -> list[Prediction]:
         except Exception as error:  # a corrupt file can break nibabel or numpy in many ways
             predictions.append(Prediction(str(scan), error=f"unreadable ({type(error).__name__}: {error})"))
             continue
-        probability = model(volume[None, ..., None], training=False)
-        predictions.append(Prediction(str(scan), probability_abnormal=float(probability.numpy().reshape(-1)[0])))
+        probabilities = np.asarray(model(volume[None, ..., None], training=False)).reshape(-1)
+        if task.is_binary:
+            prediction = Prediction(str(scan), probability_abnormal=float(probabilities[0]))
+        else:
+            prediction = Prediction(str(scan), grade_probabilities={
+                name: float(value) for name, value in zip(task.class_names, probabilities)})
+        if explain_dir is not None:
+            prediction = replace(prediction, explanation=str(explain_scan(model, volume, prediction, task,
+                                                                          Path(explain_dir))))
+        predictions.append(prediction)
     return predictions
+
+
+def make_explain_dir(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--explain {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create --explain folder {folder} ({error.strerror})") from None
+
+
+def explain_scan(model, volume: np.ndarray, prediction: Prediction, task, folder: Path) -> Path:
+    """Write the Grad-CAM montage of one scan for its predicted class (abnormal, for a binary model)."""
+    from train.explain import compute_grad_cam, save_explanation
+
+    class_index = None if task.is_binary else task.class_names.index(prediction.predicted_class)
+    heat_map = compute_grad_cam(model, volume, class_index)
+    name = Path(prediction.scan).name.removesuffix(".gz").removesuffix(".nii")
+    explained = "abnormal" if task.is_binary else prediction.predicted_class
+    title = (f"{Path(prediction.scan).name}: Grad-CAM for '{explained}' "
+             f"(predicted {prediction.predicted_class}, {prediction.confidence_percent:.1f}%)")
+    return save_explanation(volume, heat_map, folder / f"{name}_gradcam.png", title)
 
 
 def _describe(error: Exception) -> str:
@@ -110,7 +158,10 @@ def _describe(error: Exception) -> str:
 
 
 def describe_prediction(prediction: Prediction) -> str:
-    """The tutorial's sentence for the predicted class."""
+    """The tutorial's sentence for the predicted class; for a severity run, the grade and every grade's probability."""
+    if prediction.grade_probabilities is not None:
+        grades = ", ".join(f"{name} {100 * value:.2f}%" for name, value in prediction.grade_probabilities.items())
+        return f"most likely grade {prediction.predicted_class} ({prediction.confidence_percent:.2f}%); {grades}"
     return (f"This model is {prediction.confidence_percent:.2f} percent confident that the CT scan is "
             f"{prediction.predicted_class}")
 
@@ -130,5 +181,6 @@ def print_predictions(predictions: list[Prediction], as_json: bool, prog: str) -
     else:
         for prediction in predictions:
             if prediction.error is None:
-                print(f"{prediction.scan}: {describe_prediction(prediction)}")
+                explained = f" [Grad-CAM: {prediction.explanation}]" if prediction.explanation else ""
+                print(f"{prediction.scan}: {describe_prediction(prediction)}{explained}")
     return 1 if any(prediction.error is not None for prediction in predictions) else 0

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import keras
@@ -11,14 +13,19 @@ import tensorflow as tf
 
 from preprocess.cache import CacheReader
 from preprocess.errors import UserError
-from train.data import make_evaluation_dataset, make_training_dataset, reporting_read_failures, steps_per_epoch
+from train.data import (
+    Shard, make_training_dataset, make_validation_dataset, reporting_read_failures, steps_per_epoch,
+)
 from train.events import ScalarEventLogger
-from train.metrics import Specificity, make_training_metrics
+from train.metrics import Specificity
 from train.model import build_model
 from train.options import FitOptions
 from train.recorder import RunRecorder, set_random_generator_states
 from train.run import TENSORBOARD, TrainingState
-from train.splits import compute_class_weights, split_rows
+from train.splits import rows_and_classes
+from train.tasks import (
+    Task, class_indices, compute_class_weights, make_loss, make_task, make_training_metrics, training_targets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +63,13 @@ def make_optimizer(learning_rate: float, precision: str) -> keras.optimizers.Opt
     return optimizer
 
 
-def make_compiled_model(input_shape, options: FitOptions) -> keras.Model:
-    model = build_model(tuple(input_shape), padding=options.padding, precision=options.precision)
+def make_compiled_model(input_shape, options: FitOptions, task: Task) -> keras.Model:
+    model = build_model(tuple(input_shape), padding=options.padding, precision=options.precision,
+                        classes=task.output_units)
     model.compile(
         optimizer=make_optimizer(options.learning_rate, options.precision),
-        loss="binary_crossentropy",
-        metrics=make_training_metrics(),
+        loss=make_loss(task),
+        metrics=make_training_metrics(task),
     )
     return model
 
@@ -82,36 +90,97 @@ def load_training_state_model(path: Path, input_shape: tuple[int, int, int], ran
     return model
 
 
+def build_before_fit(model: keras.Model, strategy, input_shape, task: Task) -> None:
+    """Create the model's metric and optimizer variables from the input's shapes, in the strategy's scope.
+
+    Keras 3's `fit` creates them from its first batch, which under MultiWorkerMirroredStrategy it
+    first all-reduces across workers, and that fails for an (x, y, weight) batch
+    (keras-team/keras#20585, open). Built here from shapes alone, that step has nothing left to
+    do, so it is skipped: the one change to Keras's behaviour this tool makes.
+    """
+    target = [None] if task.is_binary else [None, task.classes]
+    batch = (tf.TensorSpec([None, *input_shape, 1], tf.float32), tf.TensorSpec(target, tf.float32),
+             tf.TensorSpec([None], tf.float32))
+    with strategy.scope():
+        model._symbolic_build(data_batch=batch)
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+
+
+@contextmanager
+def multi_worker_step_logs(strategy) -> Iterator[None]:
+    """Around `model.fit` under MultiWorkerMirroredStrategy: reduce each step's logs as on one worker.
+
+    Keras 3 averages a multi-worker step's logs with strategy.reduce(MEAN, axis=0), which fails on
+    their scalar values (keras-team/keras#20585, open). Reduced like a single worker's instead,
+    a step's logs are this worker's; the epoch's logs, which early stopping and history.csv
+    use, are still read from the metric variables, all-reduced over every worker.
+    """
+    from keras.src.backend.tensorflow import trainer
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        yield
+        return
+    original = trainer._collective_all_reduce_multi_worker
+    trainer._collective_all_reduce_multi_worker = lambda strategy: False
+    try:
+        yield
+    finally:
+        trainer._collective_all_reduce_multi_worker = original
+
+
 def run_training(reader: CacheReader, run_dir: Path, options: FitOptions, state: TrainingState,
-                 history: list[dict]) -> TrainingState:
-    """Train from state.completed_epochs to options.epochs (or an early stop); returns the final state."""
+                 history: list[dict], strategy, is_chief: bool = True) -> TrainingState:
+    """Train from state.completed_epochs to options.epochs (or an early stop); returns the final state.
+
+    `run_dir` is where this process commits its epochs: the run directory on the chief, a
+    scratch folder on the other workers of a multi-worker run (they save exactly what the chief
+    saves, so that every collective op is run by every worker, and nobody reads it).
+    """
     configure_determinism(options.seed)
-    train_rows, train_labels = split_rows(reader, "train")
-    val_rows, val_labels = split_rows(reader, "val")
-    class_weights = compute_class_weights(train_labels)
+    task = make_task(options.task, reader)
+    (train_rows, train_classes), (val_rows, val_classes) = rows_and_classes(reader, options, task)
+    class_weights = compute_class_weights(task, train_classes)
+    train_targets, val_targets = training_targets(task, train_classes), training_targets(task, val_classes)
+    row_weights = np.array([class_weights[int(value)] for value in train_classes], np.float32)
+    per_replica = options.batch_size
+    global_batch_size = per_replica * strategy.num_replicas_in_sync
     first_epoch = state.completed_epochs
-    if first_epoch > 0:
-        model = load_training_state_model(run_dir / state.last_model, reader.shape, state.random_generator_states)
-        log.info("resuming %s after epoch %d of %d", run_dir, first_epoch, options.epochs)
-    else:
-        model = make_compiled_model(reader.shape, options)
-    training_data = make_training_dataset(reader, train_rows, train_labels, options.batch_size, options.seed,
-                                          first_epoch=first_epoch, epochs=options.epochs)
-    validation_data = make_evaluation_dataset(reader, val_rows, val_labels, options.batch_size)
+    with strategy.scope():
+        if first_epoch > 0:
+            model = load_training_state_model(options.run_dir / state.last_model, reader.shape,
+                                              state.random_generator_states)
+            log.info("resuming %s after epoch %d of %d", options.run_dir, first_epoch, options.epochs)
+        else:
+            model = make_compiled_model(reader.shape, options, task)
+    build_before_fit(model, strategy, reader.shape, task)
+
+    def training_pipeline(context):  # called once per worker, with that worker's part of each batch
+        return make_training_dataset(reader, train_rows, train_targets, per_replica, options.seed,
+                                     first_epoch=first_epoch, epochs=options.epochs, row_weights=row_weights,
+                                     shard=Shard.from_input_context(context, per_replica))
+
+    def validation_pipeline(context):
+        return make_validation_dataset(reader, val_rows, val_targets, per_replica,
+                                       shard=Shard.from_input_context(context, per_replica))
+
+    training_data = strategy.distribute_datasets_from_function(training_pipeline)
+    validation_data = strategy.distribute_datasets_from_function(validation_pipeline)
     recorder = RunRecorder(run_dir, state, history, options.patience)
-    tensorboard = ScalarEventLogger(run_dir / TENSORBOARD)
-    log.info("training on %d scans (%d normal, %d abnormal), validating on %d; class weights %s",
-             len(train_rows), int(np.sum(train_labels == 0)), int(np.sum(train_labels == 1)), len(val_rows),
-             {label: round(weight, 3) for label, weight in class_weights.items()})
-    with reporting_read_failures():  # a damaged volume: one line naming the row, not a TensorFlow traceback
+    callbacks = [recorder, ScalarEventLogger(run_dir / TENSORBOARD)] if is_chief else [recorder]
+    counts = ", ".join(f"{int(np.sum(train_classes == index))} {name}" for index, name in enumerate(task.class_names))
+    log.info("training on %d scans (%s), validating on %d; class weights %s; %d replica(s) x %d = global batch %d",
+             len(train_rows), counts, len(val_rows),
+             {task.class_names[index]: round(weight, 3) for index, weight in class_weights.items()},
+             strategy.num_replicas_in_sync, per_replica, global_batch_size)
+    # a damaged volume: one line naming the row, not a TensorFlow traceback
+    with reporting_read_failures(), multi_worker_step_logs(strategy):
         model.fit(
             training_data,
             epochs=options.epochs,
             initial_epoch=first_epoch,
-            steps_per_epoch=steps_per_epoch(len(train_rows), options.batch_size),
+            steps_per_epoch=steps_per_epoch(len(train_rows), global_batch_size),
             validation_data=validation_data,
-            class_weight=class_weights,
-            callbacks=[recorder, tensorboard],
+            callbacks=callbacks,
             verbose=0 if options.quiet else 2,
             shuffle=False,  # the dataset shuffles, seeded, per epoch
         )

@@ -1,0 +1,151 @@
+"""`cv`: K-fold cross-validation over the cache's train and validation rows, then one test report.
+
+The train and validation rows are pooled and dealt into K folds, stratified by class (grade for
+`--task severity`) and seeded by `--seed` (`train.splits.make_folds`). Fold k trains on the
+other K - 1 folds, picks its best epoch on fold k, and is reported on fold k: each fold is a
+normal run directory, `RUN_DIR/fold-k`. The test split is not looked at until all folds are
+done; then the K best models, averaged (their probabilities), are evaluated on it once.
+
+    RUN_DIR/fold-1 ... fold-K   run directories (metrics.json: the fold's validation report)
+    RUN_DIR/cv_summary.json     mean and standard deviation over folds, per fold values, test report
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from preprocess.cache import CacheReader
+from preprocess.errors import UserError
+from train.files import write_json_atomically
+from train.options import FitOptions, check_fit_options
+from train.run import CONFIG, create_new_run_dir, make_run_dir
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "cv_summary.json"
+MAX_FOLDS = 100
+BINARY_METRICS = ("auc", "accuracy", "sensitivity", "specificity")
+SEVERITY_METRICS = ("macro_auc", "accuracy", "quadratic_weighted_kappa")
+
+
+@dataclass(frozen=True)
+class CrossValidationReport:
+    run_dir: Path
+    summary: dict
+
+
+def default_cv_dir(now: float | None = None) -> Path:
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S-cv", time.localtime(now))
+
+
+def fold_dir(run_dir: Path, fold: int) -> Path:
+    return Path(run_dir) / f"fold-{fold}"
+
+
+def summarize(values: list[float]) -> dict:
+    """Mean and sample standard deviation (n - 1) of the defined values; NaN when there are none."""
+    defined = [value for value in values if value is not None and not math.isnan(value)]
+    mean = float(np.mean(defined)) if defined else float("nan")
+    std = float(np.std(defined, ddof=1)) if len(defined) > 1 else float("nan")
+    return {"mean": mean, "std": std, "per_fold": values}
+
+
+def cross_validate(options: FitOptions, folds: int) -> CrossValidationReport:
+    """Train `folds` runs (see the module docstring) and write and return their summary."""
+    from train.fit import fit_model
+
+    if not isinstance(folds, int) or isinstance(folds, bool) or not 2 <= folds <= MAX_FOLDS:
+        raise UserError(f"--folds must be a whole number from 2 to {MAX_FOLDS}, got {folds!r}")
+    if options.strategy == "multiworker":
+        raise UserError("cv runs its folds one after another in this process; use --strategy mirrored or default")
+    check_fit_options(replace(options, fold=1, folds=folds))
+    with CacheReader(options.cache) as reader:  # refuse a cache with too few rows before any folder is made
+        pool = len(reader.split("train")) + len(reader.split("val"))
+        if pool < 2 * folds:
+            raise UserError(f"--folds {folds} needs at least {2 * folds} train and validation scans "
+                            f"(two per fold); {options.cache} has {pool}")
+    run_dir = prepare_cv_dir(options)
+    reports = []
+    for fold in range(1, folds + 1):
+        directory = fold_dir(run_dir, fold)
+        resume = options.resume and (directory / CONFIG).is_file()
+        log.info("fold %d of %d -> %s", fold, folds, directory)
+        reports.append(fit_model(replace(options, run_dir=directory, fold=fold, folds=folds, resume=resume)))
+    summary = summarize_folds(options, run_dir, [report.test_metrics for report in reports])
+    summary["test"] = evaluate_ensemble_on_test(options, [report.run_dir for report in reports])
+    write_json_atomically(run_dir / SUMMARY, summary)
+    return CrossValidationReport(run_dir, summary)
+
+
+def prepare_cv_dir(options: FitOptions) -> Path:
+    """The folder for the folds: new, or (with --resume) one a cv started."""
+    if options.run_dir is None:
+        if options.resume:
+            raise UserError("--resume needs --run-dir: the cross-validation folder to continue")
+        return create_new_run_dir(default_cv_dir())
+    run_dir = Path(options.run_dir)
+    if run_dir.is_dir() and not options.resume:
+        others = sorted(path.name for path in run_dir.iterdir())
+        if others:
+            raise UserError(f"--run-dir {run_dir} is not empty ({', '.join(others[:3])}); choose a new folder, "
+                            "or add --resume to continue a cross-validation")
+    if options.resume and not run_dir.is_dir():
+        raise UserError(f"--resume: {run_dir} holds no cross-validation to continue")
+    make_run_dir(run_dir)
+    return run_dir
+
+
+def summarize_folds(options: FitOptions, run_dir: Path, fold_reports: list[dict]) -> dict:
+    """Mean ± standard deviation over the folds' validation reports."""
+    names = BINARY_METRICS if options.task == "binary" else SEVERITY_METRICS
+    return {
+        "folds": len(fold_reports),
+        "task": options.task,
+        "seed": options.seed,
+        "cache": str(options.cache),
+        "cache_fingerprint": fold_reports[0].get("cache_fingerprint") if fold_reports else None,
+        "fold_run_dirs": [str(fold_dir(run_dir, fold)) for fold in range(1, len(fold_reports) + 1)],
+        "validation": {name: summarize([report.get(name) for report in fold_reports]) for name in names},
+    }
+
+
+def evaluate_ensemble_on_test(options: FitOptions, run_dirs: list[Path]) -> dict:
+    """The test report of the folds' best models, their probabilities averaged: the one look at the test split."""
+    from train.evaluate import predict_split, report_from_probabilities
+    from train.model import load_best_model
+    from train.tasks import class_indices, make_task
+
+    with CacheReader(options.cache) as reader:
+        task = make_task(options.task, reader)
+        rows = reader.split("test")
+        if len(rows) == 0:
+            log.warning("the test split of %s is empty: no test report", options.cache)
+            return {"split": "test", "scans": 0}
+        probabilities = np.mean([predict_split(load_best_model(run_dir), reader, rows) for run_dir in run_dirs],
+                                axis=0)
+        report = report_from_probabilities(task, class_indices(task, reader, rows), probabilities)
+    return {"split": "test", "model": f"mean of the {len(run_dirs)} fold models' probabilities", **report}
+
+
+def format_summary(report: CrossValidationReport) -> str:
+    """The summary as aligned lines: mean ± std per metric with the per-fold values, then the test report."""
+    summary = report.summary
+    number = lambda value: "n/a" if value is None or value != value else f"{value:.4f}"  # noqa: E731
+    lines = [f"{summary['folds']}-fold cross-validation ({summary['task']}) in {report.run_dir}: validation folds",
+             f"{'metric':<26}{'mean':>8}  {'± std':>7}   per fold"]
+    for name, values in summary["validation"].items():
+        per_fold = " ".join(number(value) for value in values["per_fold"])
+        lines.append(f"{name:<26}{number(values['mean']):>8}  {number(values['std']):>7}   {per_fold}")
+    test = summary["test"]
+    if test.get("scans"):
+        headline = ("auc", "accuracy", "sensitivity", "specificity") if summary["task"] == "binary" \
+            else ("macro_auc", "accuracy", "quadratic_weighted_kappa")
+        lines.append(f"test split ({test['scans']} scans), {test['model']}: "
+                     + ", ".join(f"{name} {number(test[name])}" for name in headline))
+    lines.append(f"written to {report.run_dir / SUMMARY}")
+    return "\n".join(lines)

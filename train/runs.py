@@ -1,0 +1,291 @@
+"""`runs`: every run directory below a folder, side by side, with a mark on runs made on other data.
+
+Only JSON files are read (config.json, state.json, metrics.json), never TensorFlow, so the
+listing is instant. A run is any folder holding config.json; its own subfolders (tensorboard/)
+are not searched, so the fold-K runs of a cross-validation are found below their parent.
+A damaged run is listed as "damaged" with the reason in the footer, never a traceback.
+Dates are UTC, as config.json records them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime
+from pathlib import Path
+
+from preprocess.cache import CacheReader
+from preprocess.errors import UserError
+from train.files import read_json
+from train.run import CONFIG, METRICS, read_state
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("run", "date", "status", "cache", "task", "epochs", "batch", "lr", "padding", "seed", "strategy",
+           "val_auc", "test_auc", "test_acc", "kappa")
+DESCENDING_BY_DEFAULT = ("date", "val_auc", "test_auc", "test_acc", "kappa")  # best or newest first
+OPTIONAL_COLUMNS = ("strategy", "kappa")  # left out of the table when no run has a value
+SHORT_FINGERPRINT = 8
+MARKER = "*"
+DATE_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+NO_RUNS = "no runs found (a run is a folder holding config.json, written by `python -m train fit`)"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What one run directory says about itself; None wherever a file is missing or says nothing."""
+
+    path: Path
+    name: str  # relative to the listed folder
+    status: str  # "finished", "stopped early", "unfinished" or "damaged"
+    problem: str | None = None  # why the run is damaged
+    created_utc: str | None = None  # e.g. "2026-11-22T18:00:00Z"
+    cache_path: str | None = None
+    cache_fingerprint: str | None = None
+    reference_fingerprint: str | None = None  # the cache the listing compares against
+    task: str | None = None
+    completed_epochs: int | None = None
+    max_epochs: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    padding: str | None = None
+    seed: int | None = None
+    strategy: str | None = None
+    best_epoch: int | None = None
+    best_val_auc: float | None = None
+    test_auc: float | None = None  # macro AUC for severity runs
+    test_accuracy: float | None = None
+    test_kappa: float | None = None  # quadratic weighted kappa; severity runs only
+
+    @property
+    def other_cache(self) -> bool:
+        """Trained on another cache than the reference: its numbers are not comparable."""
+        return None not in (self.cache_fingerprint, self.reference_fingerprint) \
+            and self.cache_fingerprint != self.reference_fingerprint
+
+
+# -- finding and reading runs -------------------------------------------------------------------
+def list_runs(root: Path, reference_cache: Path | None = None) -> list[RunSummary]:
+    """Every run at or below `root`, by path, compared against `reference_cache` (None: the most used cache)."""
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise UserError(f"{root}: not a folder")
+    runs = [read_run_summary(run_dir, root) for run_dir in find_run_dirs(root)]
+    reference = find_reference_fingerprint(runs, reference_cache)
+    return [replace(run, reference_fingerprint=reference) for run in runs]
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Folders at or below `root` holding config.json, sorted; hidden folders and a run's own subfolders are skipped."""
+    found = []
+    warn = lambda error: log.warning("skipped %s (%s)", error.filename, error.strerror)  # noqa: E731
+    for folder, subfolders, files in os.walk(root, onerror=warn):
+        if CONFIG in files:
+            found.append(Path(folder))
+            subfolders.clear()  # tensorboard/ and the like belong to the run
+        else:
+            subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+    return sorted(found)
+
+
+def find_reference_fingerprint(runs: list[RunSummary], reference_cache: Path | None = None) -> str | None:
+    """The fingerprint of `reference_cache`, else the one most runs share (ties: the newest run's)."""
+    if reference_cache is not None:
+        with CacheReader(Path(reference_cache)) as reader:
+            return reader.fingerprint
+    counts = Counter(run.cache_fingerprint for run in runs if run.cache_fingerprint)
+    newest = {fingerprint: max(run.created_utc or "" for run in runs if run.cache_fingerprint == fingerprint)
+              for fingerprint in counts}
+    return max(counts, key=lambda fingerprint: (counts[fingerprint], newest[fingerprint]), default=None)
+
+
+def read_run_summary(run_dir: Path, root: Path) -> RunSummary:
+    """One run's summary; a damaged file makes the status "damaged" and keeps what the other files say."""
+    name = run_dir.relative_to(root).as_posix() if run_dir != root else str(root)
+    values, problems = {}, []
+    try:
+        values.update(_config_values(read_json(run_dir / CONFIG)))
+    except UserError as error:
+        problems.append(str(error))
+    try:
+        state = read_state(run_dir)
+        values.update(completed_epochs=state.completed_epochs, best_epoch=state.best_epoch or None,
+                      best_val_auc=_real(state.best_val_auc))
+    except UserError as error:
+        problems.append(str(error))
+        state = None
+    metrics = None
+    if (run_dir / METRICS).exists():
+        try:
+            metrics = read_json(run_dir / METRICS)
+        except UserError as error:
+            problems.append(str(error))
+    # a run resumed with more epochs keeps the test result of its earlier best model until it finishes
+    if metrics is not None and state is not None and metrics.get("model", state.best_model) == state.best_model:
+        values.update(_test_values(metrics, values.get("task")))
+        status = "stopped early" if state.stopped_early else "finished"
+    else:
+        status = "unfinished"
+    if problems:
+        status = "damaged"
+    return RunSummary(path=run_dir, name=name, status=status, problem="; ".join(problems) or None, **values)
+
+
+def _config_values(config: dict) -> dict:
+    options, cache = config.get("options"), config.get("cache", {})
+    if not isinstance(options, dict) or not isinstance(cache, dict):
+        raise UserError(f"{CONFIG}: damaged (no 'options' or 'cache' object)")
+    created = _text(config.get("created_utc"))
+    return {
+        "created_utc": created if created and _parse_date(created) else None,
+        "cache_path": _text(cache.get("path")),
+        "cache_fingerprint": _text(cache.get("fingerprint")),
+        "task": _text(options.get("task", "binary")),
+        "max_epochs": _whole(options.get("epochs")),
+        "batch_size": _whole(options.get("batch_size")),
+        "learning_rate": _real(options.get("learning_rate")),
+        "padding": _text(options.get("padding")),
+        "seed": _whole(options.get("seed")),
+        "strategy": _text(options.get("strategy")),
+    }
+
+
+def _test_values(metrics: dict, task: str | None) -> dict:
+    auc_names = ("macro_auc", "auc") if task == "severity" else ("auc", "macro_auc")
+    return {
+        "test_auc": next((_real(metrics[key]) for key in auc_names if key in metrics), None),
+        "test_accuracy": _real(metrics.get("accuracy")),
+        "test_kappa": _real(metrics.get("quadratic_weighted_kappa")),
+    }
+
+
+def _whole(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _real(value) -> float | None:
+    """A finite number, else None: an undefined AUC (one class only) is shown as missing."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _parse_date(text: str) -> datetime | None:
+    try:
+        return datetime.strptime(text, DATE_FORMAT)
+    except ValueError:
+        return None
+
+
+# -- sorting ------------------------------------------------------------------------------------
+_SORT_KEYS = {
+    "run": lambda run: run.name,
+    "date": lambda run: run.created_utc,  # one fixed format: text order is time order
+    "status": lambda run: run.status,
+    "cache": lambda run: run.cache_fingerprint,
+    "task": lambda run: run.task,
+    "epochs": lambda run: run.completed_epochs,
+    "batch": lambda run: run.batch_size,
+    "lr": lambda run: run.learning_rate,
+    "padding": lambda run: run.padding,
+    "seed": lambda run: run.seed,
+    "strategy": lambda run: run.strategy,
+    "val_auc": lambda run: run.best_val_auc,
+    "test_auc": lambda run: run.test_auc,
+    "test_acc": lambda run: run.test_accuracy,
+    "kappa": lambda run: run.test_kappa,
+}
+
+
+def sort_runs(runs: list[RunSummary], column: str, descending: bool | None = None) -> list[RunSummary]:
+    """Runs ordered by a column of COLUMNS; AUCs, accuracy, kappa and date default to descending. Missing values go last."""
+    if column not in _SORT_KEYS:
+        raise UserError(f"cannot sort by {column!r}; choose one of {', '.join(COLUMNS)}")
+    if descending is None:
+        descending = column in DESCENDING_BY_DEFAULT
+    key = _SORT_KEYS[column]
+    present = [run for run in runs if key(run) is not None]
+    missing = [run for run in runs if key(run) is None]
+    return sorted(present, key=key, reverse=descending) + missing  # stable: ties keep their order
+
+
+# -- output -------------------------------------------------------------------------------------
+def format_runs_table(runs: list[RunSummary], reference_fingerprint: str | None) -> str:
+    """An aligned table, one row per run, and footer lines on the cache marker and damaged runs.
+
+    `reference_fingerprint` None: the reference `list_runs` chose.
+    """
+    if not runs:
+        return NO_RUNS
+    if reference_fingerprint is None:
+        reference_fingerprint = runs[0].reference_fingerprint
+    runs = [replace(run, reference_fingerprint=reference_fingerprint) for run in runs]
+    cells = [_row_cells(run) for run in runs]
+    columns = [column for column in COLUMNS
+               if column not in OPTIONAL_COLUMNS or any(row[column] not in ("", "-") for row in cells)]
+    widths = {column: max(len(column), *(len(row[column]) for row in cells)) for column in columns}
+    lines = ["  ".join(column.ljust(widths[column]) for column in columns).rstrip()]
+    lines += ["  ".join(row[column].ljust(widths[column]) for column in columns).rstrip() for row in cells]
+    lines.append("")
+    lines += _footer(runs, reference_fingerprint)
+    return "\n".join(lines)
+
+
+def _row_cells(run: RunSummary) -> dict[str, str]:
+    number = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
+    plain = lambda value: "-" if value is None else str(value)  # noqa: E731
+    date = _parse_date(run.created_utc) if run.created_utc else None
+    epochs = f"{plain(run.completed_epochs)}/{plain(run.max_epochs)}"
+    return {
+        "run": run.name,
+        "date": date.strftime("%Y-%m-%d %H:%M") if date else "-",
+        "status": run.status,
+        "cache": (run.cache_fingerprint[:SHORT_FINGERPRINT] + (MARKER if run.other_cache else ""))
+        if run.cache_fingerprint else "-",
+        "task": plain(run.task),
+        "epochs": "-" if epochs == "-/-" else epochs,
+        "batch": plain(run.batch_size),
+        "lr": "-" if run.learning_rate is None else format_learning_rate(run.learning_rate),
+        "padding": plain(run.padding),
+        "seed": plain(run.seed),
+        "strategy": plain(run.strategy),
+        "val_auc": number(run.best_val_auc),
+        "test_auc": number(run.test_auc),
+        "test_acc": number(run.test_accuracy),
+        "kappa": "" if run.task == "binary" else number(run.test_kappa),
+    }
+
+
+def format_learning_rate(rate: float) -> str:
+    """The shortest exponent form that reads back as the same number: 1e-04, 2.5e-04."""
+    for digits in range(4):
+        text = f"{rate:.{digits}e}"
+        if float(text) == rate:
+            return text
+    return f"{rate:.3e}"
+
+
+def _footer(runs: list[RunSummary], reference_fingerprint: str | None) -> list[str]:
+    short = (reference_fingerprint or "")[:SHORT_FINGERPRINT]
+    if any(run.other_cache for run in runs):
+        lines = [f"{MARKER} trained on another cache than the reference ({short}): "
+                 "do not compare its numbers with the others"]
+    elif reference_fingerprint is not None:
+        lines = [f"every run with a known cache was trained on the reference cache ({short})"]
+    else:
+        lines = ["no run records its cache fingerprint"]
+    lines += [f"damaged: {run.name}: {run.problem}" for run in runs if run.status == "damaged"]
+    return lines
+
+
+def runs_as_json(runs: list[RunSummary]) -> list[dict]:
+    """The runs as JSON-able dicts: every field (full fingerprints) and whether the cache differs."""
+    return [{**asdict(run), "path": str(run.path), "other_cache": run.other_cache} for run in runs]
