@@ -30,7 +30,7 @@ demo: $(STAMP)
 	rm -rf $(DEMO_RUN)
 	$(BIN)/python -m train fit $(DEMO_CACHE) --run-dir $(DEMO_RUN) --epochs 15 --padding same
 	$(BIN)/python -m preprocess synth --out $(DEMO_NEW) --normal 1 --abnormal 1 --size 128 --seed 1 --quiet
-	$(BIN)/python -m train predict $(DEMO_RUN) $(DEMO_NEW)/CT-0/study_0000.nii.gz $(DEMO_NEW)/CT-1/study_0001.nii.gz
+	$(BIN)/python -m train predict $(DEMO_RUN) $(DEMO_NEW)/CT-0/study_0000.nii.gz $(DEMO_NEW)/CT-1/study_0001.nii.gz --explain $(DEMO_RUN)/explanations
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not veryslow"

@@ -50,15 +50,21 @@ def make_parser() -> ArgumentParser:
     synth = commands.add_parser(
         "synth", help="write synthetic chest-CT phantoms in the MosMedData layout",
         description="Write deterministic synthetic chest-CT phantoms (int16 .nii.gz, CT-0 normal, CT-1 with "
-        "ground-glass opacities and consolidations) for demos and tests. This is NOT real patient data.",
+        "ground-glass opacities and consolidations) for demos and tests. With --grades, abnormal scans are "
+        "graded like MosMedData's severity folders by the share of lung their lesions cover: CT-1 under 25%, "
+        "CT-2 25-50%, CT-3 50-75%, CT-4 over 75%. This is NOT real patient data.",
         formatter_class=HelpFormatter,
     )
-    synth.add_argument("--out", type=Path, default=Path("data/synthetic"), help="folder to write CT-0/ and CT-1/ into")
+    synth.add_argument("--out", type=Path, default=Path("data/synthetic"),
+                       help="folder to write CT-0/ and CT-1/ (or one CT-k/ per grade) into")
     synth.add_argument("--normal", type=non_negative_int, default=10, help="number of normal scans")
     synth.add_argument("--abnormal", type=non_negative_int, default=10, help="number of abnormal scans")
     synth.add_argument("--size", type=positive_int, default=512, help="in-plane size in pixels")
     synth.add_argument("--slices", type=positive_int, nargs=2, metavar=("MIN", "MAX"), default=None,
                        help="range of slice counts (default: 30-60 at 512 pixels, scaled with --size)")
+    synth.add_argument("--grades", type=int, nargs="+", metavar="GRADE", default=None,
+                       help="severity grades 1-4 dealt round robin to the abnormal scans, e.g. --grades 1 2 3 4 "
+                       "(default: ungraded lesions of any extent, all in CT-1)")
     synth.add_argument("--seed", type=non_negative_int, default=0, help="seed of the phantoms")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -116,8 +122,9 @@ def run_synth(arguments) -> None:
     from preprocess.synth import write_synthetic_archive
 
     slice_range = tuple(arguments.slices) if arguments.slices else None
+    grades = tuple(arguments.grades) if arguments.grades else None
     paths = write_synthetic_archive(arguments.out, arguments.normal, arguments.abnormal, arguments.size,
-                                    arguments.seed, slice_range, progress=not arguments.quiet)
+                                    arguments.seed, slice_range, progress=not arguments.quiet, grades=grades)
     print(f"wrote {len(paths)} synthetic scans to {arguments.out}")
 
 

@@ -5,6 +5,10 @@ body with subcutaneous fat, ribs, a vertebra, two lungs with vessels, scanner no
 one random stream; an abnormal phantom is that same anatomy with ground-glass opacities and
 consolidations drawn from a second stream and blended into the lungs before the noise is added.
 So the lesions are the only thing that tells the classes apart, voxel for voxel.
+
+Abnormal phantoms are ungraded by default: 2-8 lesions of any extent, written to CT-1 (the files the
+demo and the tests were built on). Given a severity grade, lesions are instead added one at a time
+until the lesion share of the lung falls inside that grade's range, as MosMedData grades CT-1..CT-4.
 """
 from __future__ import annotations
 
@@ -29,6 +33,9 @@ except ImportError:  # pragma: no cover - isal is a declared dependency
 log = logging.getLogger(__name__)
 
 CLASS_FOLDERS = ("CT-0", "CT-1")  # normal, abnormal, as in MosMedData
+# MosMedData's grades: lesion voxels / lung voxels in (low, high]; CT-0 is normal
+GRADE_INVOLVEMENT_RANGES = {1: (0.0, 0.25), 2: (0.25, 0.5), 3: (0.5, 0.75), 4: (0.75, 1.0)}
+MAX_LESION_ATTEMPTS = 10_000  # a graded draw ends after a few hundred at most; more is a bug
 FIELD_OF_VIEW_MM = 350.0  # in-plane spacing is FIELD_OF_VIEW_MM / size
 THORAX_LENGTH_MM = 300.0  # slice spacing is THORAX_LENGTH_MM / slice count
 HU_AIR, HU_FAT, HU_SOFT_TISSUE, HU_LUNG, HU_VESSEL = -1000.0, -100.0, 40.0, -850.0, 40.0
@@ -47,6 +54,12 @@ class Phantom:
     hu: np.ndarray  # int16 (X, Y, Z) Hounsfield units in the stored (RAS) orientation
     affine: np.ndarray  # 4x4 float64, voxel index to millimetres
     lesion_mask: np.ndarray  # bool (X, Y, Z): every voxel a lesion changed; all False if normal
+    lung_mask: np.ndarray  # bool (X, Y, Z): the lungs, lesions included; involvement is measured on it
+
+    @property
+    def involvement(self) -> float:
+        """The share of lung voxels a lesion touches (0 for a normal phantom)."""
+        return float(np.count_nonzero(self.lesion_mask) / max(np.count_nonzero(self.lung_mask), 1))
 
 
 def default_slice_range(size: int) -> tuple[int, int]:
@@ -65,10 +78,26 @@ def check_phantom_arguments(size: int, slice_range: tuple[int, int] | None) -> N
             raise UserError(f"slice range must satisfy 2 <= MIN <= MAX <= {MAX_SLICES}, got {low} {high}")
 
 
+def check_grades(grades: tuple[int, ...]) -> None:
+    """Refuse grades outside 1..4 or given twice, in one line."""
+    valid = sorted(GRADE_INVOLVEMENT_RANGES)
+    if not grades or any(grade not in GRADE_INVOLVEMENT_RANGES for grade in grades) or len(set(grades)) < len(grades):
+        raise UserError(f"grades must be distinct numbers from {valid[0]} to {valid[-1]} (CT-1 .. CT-4), "
+                        f"got {' '.join(map(str, grades)) or 'none'}")
+
+
 def make_phantom(seed: int, study_number: int, abnormal: bool, size: int = 512,
-                 slice_range: tuple[int, int] | None = None) -> Phantom:
-    """Draw one phantom. (seed, study_number, abnormal, size, slice_range) alone fix it."""
+                 slice_range: tuple[int, int] | None = None, grade: int | None = None) -> Phantom:
+    """Draw one phantom. (seed, study_number, abnormal, size, slice_range, grade) alone fix it.
+
+    `grade` (1-4, abnormal only) puts the lesion share of the lung inside that grade's range;
+    None draws the ungraded lesions of the default archive.
+    """
     check_phantom_arguments(size, slice_range)
+    if grade is not None:
+        check_grades((grade,))
+        if not abnormal:
+            raise ValueError("a normal phantom has no lesions to grade")
     anatomy_seed, lesion_seed = np.random.SeedSequence([seed, study_number]).spawn(2)
     anatomy_rng, lesion_rng = np.random.default_rng(anatomy_seed), np.random.default_rng(lesion_seed)
     low, high = slice_range or default_slice_range(size)
@@ -78,7 +107,9 @@ def make_phantom(seed: int, study_number: int, abnormal: bool, size: int = 512,
     # noise comes from the anatomy stream after every shape, so lesions cannot shift it
     noise_sigma_hu = anatomy_rng.uniform(15, 25)
     noise = anatomy_rng.standard_normal(hu.shape, dtype=np.float32)
-    if abnormal:
+    if abnormal and grade is not None:
+        lesion_mask = add_graded_lesions(hu, lung, lesion_rng, spacing_mm, lung_size_mm, grade)
+    elif abnormal:
         lesion_mask = add_lesions(hu, lung, lesion_rng, spacing_mm, lung_size_mm)
     else:
         lesion_mask = np.zeros(hu.shape, dtype=bool)
@@ -88,7 +119,7 @@ def make_phantom(seed: int, study_number: int, abnormal: bool, size: int = 512,
     np.clip(hu, *STORED_HU_RANGE, out=hu)
     affine = np.diag([*spacing_mm, 1.0])
     affine[:3, 3] = -(np.array(hu.shape) - 1) / 2 * spacing_mm  # the isocentre mid-volume
-    return Phantom(hu=hu.astype(np.int16), affine=affine, lesion_mask=lesion_mask)
+    return Phantom(hu=hu.astype(np.int16), affine=affine, lesion_mask=lesion_mask, lung_mask=lung)
 
 
 def ellipse_radius_squared(x_mm, y_mm, center_x_mm, center_y_mm, semi_x_mm, semi_y_mm) -> np.ndarray:
@@ -184,27 +215,77 @@ def add_lesions(hu: np.ndarray, lung: np.ndarray, rng: np.random.Generator, spac
     parenchyma = lung & (hu == HU_LUNG)
     candidate_slices = np.flatnonzero(parenchyma.any(axis=(0, 1)))
     for _ in range(rng.integers(2, 9)):
-        center_z = int(rng.choice(candidate_slices))
-        pixels = np.flatnonzero(parenchyma[:, :, center_z])
-        center = np.array([*divmod(int(pixels[rng.integers(len(pixels))]), hu.shape[1]), center_z])
-        ground_glass = rng.uniform() < 0.6
-        target_hu = rng.uniform(*(GROUND_GLASS_HU_RANGE if ground_glass else CONSOLIDATION_HU_RANGE))
-        core_fraction = rng.uniform(0.2, 0.5) if ground_glass else rng.uniform(0.5, 0.8)
-        semi_axes_mm = rng.uniform(0.2, 0.45) * lung_size_mm * rng.uniform(0.75, 1.25, size=3)
-        half_width = np.ceil(semi_axes_mm / spacing_mm).astype(int)
-        low, high = np.maximum(center - half_width, 0), np.minimum(center + half_width + 1, hu.shape)
-        offsets = [(np.arange(low[axis], high[axis]) - center[axis]) * spacing_mm[axis] / semi_axes_mm[axis]
-                   for axis in range(3)]
-        radius = np.sqrt(offsets[0][:, None, None] ** 2 + offsets[1][None, :, None] ** 2
-                         + offsets[2][None, None, :] ** 2)
-        weight = np.clip((1 - radius) / (1 - core_fraction), 0, 1)
-        weight = weight * weight * (3 - 2 * weight)  # smoothstep: no visible rim at the edge
-        box = tuple(slice(low[axis], high[axis]) for axis in range(3))
-        inside = (weight > 0) & lung[box]
-        region = hu[box]
-        region[inside] += (weight[inside] * np.maximum(target_hu - region[inside], 0)).astype(np.float32)
-        lesion_mask[box] |= inside
+        center = draw_lesion_center(rng, parenchyma, candidate_slices)
+        box, weight, target_hu = draw_lesion(rng, center, hu.shape, spacing_mm, lung_size_mm)
+        blend_lesion(hu, lung, lesion_mask, box, weight, target_hu)
     return lesion_mask
+
+
+def add_graded_lesions(hu: np.ndarray, lung: np.ndarray, rng: np.random.Generator, spacing_mm: np.ndarray,
+                       lung_size_mm: float, grade: int) -> np.ndarray:
+    """Add lesions like `add_lesions` until the lesion share of the lung is inside `grade`'s range.
+
+    A target share is drawn inside the range first, so scans spread over it. Each new lesion is
+    centred on parenchyma no lesion covers yet, and one that would overshoot the range is dropped
+    and the next ones drawn smaller, so the loop ends after a few hundred lesions at most.
+    """
+    low, high = GRADE_INVOLVEMENT_RANGES[grade]
+    lung_voxels = np.count_nonzero(lung)
+    target_voxels = max(rng.uniform(low, high) * lung_voxels, np.floor(low * lung_voxels) + 1)
+    lesion_mask = np.zeros(hu.shape, dtype=bool)
+    parenchyma = lung & (hu == HU_LUNG)
+    candidate_slices = np.flatnonzero(parenchyma.any(axis=(0, 1)))
+    covered_voxels, scale = 0, 1.0
+    for _ in range(MAX_LESION_ATTEMPTS):
+        if covered_voxels >= target_voxels:
+            return lesion_mask
+        for _ in range(100):  # a centre on uncovered parenchyma grows the share; rarely needs many draws
+            center = draw_lesion_center(rng, parenchyma, candidate_slices)
+            if not lesion_mask[tuple(center)]:
+                break
+        box, weight, target_hu = draw_lesion(rng, center, hu.shape, spacing_mm, lung_size_mm, scale)
+        new_voxels = np.count_nonzero((weight > 0) & lung[box] & ~lesion_mask[box])
+        if covered_voxels + new_voxels > high * lung_voxels:
+            scale *= 0.8
+            continue
+        covered_voxels += blend_lesion(hu, lung, lesion_mask, box, weight, target_hu)
+    raise RuntimeError(f"no grade {grade} lesions after {MAX_LESION_ATTEMPTS} attempts")
+
+
+def draw_lesion_center(rng: np.random.Generator, parenchyma: np.ndarray, candidate_slices: np.ndarray) -> np.ndarray:
+    """A parenchyma voxel (x, y, z): a slice first, then a pixel in it."""
+    center_z = int(rng.choice(candidate_slices))
+    pixels = np.flatnonzero(parenchyma[:, :, center_z])
+    return np.array([*divmod(int(pixels[rng.integers(len(pixels))]), parenchyma.shape[1]), center_z])
+
+
+def draw_lesion(rng: np.random.Generator, center: np.ndarray, shape: tuple[int, ...], spacing_mm: np.ndarray,
+                lung_size_mm: float, scale: float = 1.0) -> tuple[tuple[slice, ...], np.ndarray, float]:
+    """Draw one lesion's kind, density and size: its bounding box, blend weight in [0, 1] and peak HU."""
+    ground_glass = rng.uniform() < 0.6
+    target_hu = rng.uniform(*(GROUND_GLASS_HU_RANGE if ground_glass else CONSOLIDATION_HU_RANGE))
+    core_fraction = rng.uniform(0.2, 0.5) if ground_glass else rng.uniform(0.5, 0.8)
+    semi_axes_mm = scale * rng.uniform(0.2, 0.45) * lung_size_mm * rng.uniform(0.75, 1.25, size=3)
+    half_width = np.ceil(semi_axes_mm / spacing_mm).astype(int)
+    low, high = np.maximum(center - half_width, 0), np.minimum(center + half_width + 1, shape)
+    offsets = [(np.arange(low[axis], high[axis]) - center[axis]) * spacing_mm[axis] / semi_axes_mm[axis]
+               for axis in range(3)]
+    radius = np.sqrt(offsets[0][:, None, None] ** 2 + offsets[1][None, :, None] ** 2
+                     + offsets[2][None, None, :] ** 2)
+    weight = np.clip((1 - radius) / (1 - core_fraction), 0, 1)
+    weight = weight * weight * (3 - 2 * weight)  # smoothstep: no visible rim at the edge
+    return tuple(slice(low[axis], high[axis]) for axis in range(3)), weight, target_hu
+
+
+def blend_lesion(hu: np.ndarray, lung: np.ndarray, lesion_mask: np.ndarray, box: tuple[slice, ...],
+                 weight: np.ndarray, target_hu: float) -> int:
+    """Raise the lung inside `box` towards `target_hu` by `weight`, in place; return how many voxels it newly covers."""
+    inside = (weight > 0) & lung[box]
+    region = hu[box]
+    region[inside] += (weight[inside] * np.maximum(target_hu - region[inside], 0)).astype(np.float32)
+    newly_covered = np.count_nonzero(inside & ~lesion_mask[box])
+    lesion_mask[box] |= inside
+    return int(newly_covered)
 
 
 def write_phantom(phantom: Phantom, path: Path) -> None:
@@ -229,10 +310,20 @@ def write_phantom(phantom: Phantom, path: Path) -> None:
         raise
 
 
+def class_folder(abnormal: bool, grade: int | None) -> str:
+    """CT-0 for a normal study, CT-<grade> for a graded abnormal one, CT-1 for an ungraded one."""
+    if not abnormal:
+        return CLASS_FOLDERS[0]
+    return CLASS_FOLDERS[1] if grade is None else f"CT-{grade}"
+
+
 def write_synthetic_archive(out_dir: Path, normal: int, abnormal: int, size: int = 512, seed: int = 0,
-                            slice_range: tuple[int, int] | None = None, progress: bool = True) -> list[Path]:
+                            slice_range: tuple[int, int] | None = None, progress: bool = True,
+                            grades: tuple[int, ...] | None = None) -> list[Path]:
     """Write `normal` phantoms to OUT/CT-0 and `abnormal` ones to OUT/CT-1 and return their paths.
 
+    With `grades`, abnormal studies go round robin to OUT/CT-<grade>, their lesions covering that
+    grade's share of the lung; without, they are ungraded and all in CT-1.
     Study numbers run across the archive: normal studies are study_0000 .. normal-1 and abnormal
     ones continue from `normal`. Refuses a folder holding other scans, which would mix archives.
     tqdm progress bar unless progress=False.
@@ -244,10 +335,14 @@ def write_synthetic_archive(out_dir: Path, normal: int, abnormal: int, size: int
     if seed < 0:
         raise UserError(f"seed must be 0 or more, got {seed}")
     check_phantom_arguments(size, slice_range)
+    if grades is not None:
+        grades = tuple(grades)
+        check_grades(grades)
     out_dir = Path(out_dir)
-    studies = [(number, number >= normal) for number in range(normal + abnormal)]
-    paths = [out_dir / CLASS_FOLDERS[is_abnormal] / f"study_{number:04d}.nii.gz"
-             for number, is_abnormal in studies]
+    studies = [(number, False, None) for number in range(normal)]
+    studies += [(normal + index, True, grades[index % len(grades)] if grades else None) for index in range(abnormal)]
+    paths = [out_dir / class_folder(is_abnormal, grade) / f"study_{number:04d}.nii.gz"
+             for number, is_abnormal, grade in studies]
     existing = []
     if out_dir.is_dir():
         try:
@@ -263,9 +358,10 @@ def write_synthetic_archive(out_dir: Path, normal: int, abnormal: int, size: int
         for folder in sorted({path.parent for path in paths}):
             folder.mkdir(parents=True, exist_ok=True)
         bar = tqdm(paths, desc="synth", unit="scan", disable=not progress)
-        for path, (number, is_abnormal) in zip(bar, studies):
-            write_phantom(make_phantom(seed, number, is_abnormal, size, slice_range), path)
+        for path, (number, is_abnormal, grade) in zip(bar, studies):
+            write_phantom(make_phantom(seed, number, is_abnormal, size, slice_range, grade), path)
     except OSError as error:
         raise UserError(f"cannot write into {out_dir}: {error.strerror or error}") from None
-    log.info("wrote %d normal and %d abnormal synthetic scans of %d x %d to %s", normal, abnormal, size, size, out_dir)
+    log.info("wrote %d normal and %d abnormal (%s) synthetic scans of %d x %d to %s", normal, abnormal,
+             "ungraded" if grades is None else "grades " + " ".join(map(str, grades)), size, size, out_dir)
     return paths

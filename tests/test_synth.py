@@ -1,6 +1,7 @@
 """Synthetic phantoms: layout, header, realistic HU, determinism, and lesions as the only difference."""
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 
@@ -11,11 +12,16 @@ from scipy import ndimage
 
 from preprocess import synth
 from preprocess.errors import UserError
-from preprocess.synth import (CONSOLIDATION_HU_RANGE, GROUND_GLASS_HU_RANGE, default_slice_range, make_phantom,
-                              write_phantom, write_synthetic_archive)
+from preprocess.__main__ import main
+from preprocess.synth import (CONSOLIDATION_HU_RANGE, GRADE_INVOLVEMENT_RANGES, GROUND_GLASS_HU_RANGE,
+                              default_slice_range, make_phantom, write_phantom, write_synthetic_archive)
 from conftest import ROOT
 
 MAX_NOISE_SIGMA_HU = 25
+SMALL = dict(size=64, slice_range=(16, 24))  # graded phantoms in a few milliseconds each
+# sha256 of hu and lesion_mask of make_phantom(0, n, abnormal, size=32) for n < 4, normal then abnormal:
+# the ungraded phantoms the demo and the other tests were built on, from before grades existed
+DEFAULT_PHANTOMS_SHA256 = "a1bcafd1bd14cf2678b946c31b6e258740c0071a217eb0fbd0977e83393c30bc"
 
 
 def read_bytes_by_name(paths, root):
@@ -195,3 +201,102 @@ def test_rewriting_the_same_archive_keeps_files_untouched(tmp_path):
         os.utime(path, ns=(10**18, 10**18))  # an old stamp that a rewrite could not reproduce
     assert write_archive(tmp_path / "raw", 1, 1, size=32, seed=0, progress=False) == paths
     assert [path.stat().st_mtime_ns for path in paths] == [10**18, 10**18]
+
+
+def test_default_phantoms_are_unchanged_by_grades():
+    digest = hashlib.sha256()
+    for number in range(4):
+        for abnormal in (False, True):
+            phantom = make_phantom(0, number, abnormal, size=32)
+            digest.update(phantom.hu.tobytes())
+            digest.update(phantom.lesion_mask.tobytes())
+    assert digest.hexdigest() == DEFAULT_PHANTOMS_SHA256
+    assert make_phantom(0, 0, False, size=32).involvement == 0
+
+
+def test_graded_archive_deals_abnormal_studies_round_robin_into_grade_folders(tmp_path):
+    paths = write_synthetic_archive(tmp_path, normal=1, abnormal=6, size=32, progress=False, grades=(2, 4, 1))
+    names = [path.relative_to(tmp_path).as_posix() for path in paths]
+    assert names == ["CT-0/study_0000.nii.gz", "CT-2/study_0001.nii.gz", "CT-4/study_0002.nii.gz",
+                     "CT-1/study_0003.nii.gz", "CT-2/study_0004.nii.gz", "CT-4/study_0005.nii.gz",
+                     "CT-1/study_0006.nii.gz"]
+    assert sorted(folder.name for folder in tmp_path.iterdir()) == ["CT-0", "CT-1", "CT-2", "CT-4"]
+    for path in paths[1:]:
+        grade = int(path.parent.name[3:])
+        stored = np.asanyarray(nib.load(path).dataobj)
+        assert np.array_equal(stored, make_phantom(0, int(path.name[6:10]), True, size=32, grade=grade).hu)
+
+
+@pytest.mark.parametrize("grade", sorted(GRADE_INVOLVEMENT_RANGES))
+def test_graded_lesions_cover_their_grade_share_of_the_lung(grade):
+    low, high = GRADE_INVOLVEMENT_RANGES[grade]
+    for number in range(4):
+        normal = make_phantom(1, number, False, **SMALL)
+        graded = make_phantom(1, number, True, **SMALL, grade=grade)
+        assert low < graded.involvement <= high
+        assert np.count_nonzero(graded.lesion_mask & ~graded.lung_mask) == 0
+        outside = ~graded.lesion_mask  # the lesions are still the only difference from the normal study
+        assert np.array_equal(graded.hu[outside], normal.hu[outside])
+        assert np.array_equal(graded.lung_mask, normal.lung_mask)
+        assert (graded.hu.astype(np.int32) - normal.hu >= 0).all()
+
+
+def test_graded_involvement_spreads_over_each_range():
+    involvement = {grade: [make_phantom(2, number, True, **SMALL, grade=grade).involvement for number in range(8)]
+                   for grade in GRADE_INVOLVEMENT_RANGES}
+    for grade, values in involvement.items():
+        low, high = GRADE_INVOLVEMENT_RANGES[grade]
+        assert max(values) - min(values) > 0.25 * (high - low)  # a drawn target, not always the lower edge
+
+
+def test_graded_phantoms_are_deterministic_and_differ_by_grade():
+    first = make_phantom(3, 5, True, **SMALL, grade=3)
+    second = make_phantom(3, 5, True, **SMALL, grade=3)
+    assert np.array_equal(first.hu, second.hu) and np.array_equal(first.lesion_mask, second.lesion_mask)
+    other = make_phantom(3, 5, True, **SMALL, grade=2)
+    assert not np.array_equal(other.lesion_mask, first.lesion_mask)
+    assert np.array_equal(other.hu[~other.lesion_mask & ~first.lesion_mask],
+                          first.hu[~other.lesion_mask & ~first.lesion_mask])
+
+
+@pytest.mark.parametrize("grades", [(0,), (5,), (1, 2, 2), (), (-1, 3)])
+def test_bad_grades_raise_user_error(tmp_path, grades):
+    with pytest.raises(UserError, match="grades must be distinct numbers from 1 to 4") as error:
+        write_synthetic_archive(tmp_path / "out", 1, 2, size=32, progress=False, grades=grades)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+    if len(grades) == 1:
+        with pytest.raises(UserError):
+            make_phantom(0, 0, True, size=32, grade=grades[0])
+
+
+def test_a_normal_phantom_cannot_be_graded():
+    with pytest.raises(ValueError, match="normal"):
+        make_phantom(0, 0, False, size=32, grade=2)
+
+
+def test_cli_writes_graded_archive(tmp_path, capsys):
+    out = tmp_path / "raw"
+    assert main(["synth", "--out", str(out), "--normal", "1", "--abnormal", "4", "--size", "32",
+                 "--grades", "1", "2", "3", "4", "--quiet"]) == 0
+    assert "wrote 5 synthetic scans" in capsys.readouterr().out
+    assert sorted(path.relative_to(out).as_posix() for path in out.rglob("*.nii.gz")) == [
+        "CT-0/study_0000.nii.gz", "CT-1/study_0001.nii.gz", "CT-2/study_0002.nii.gz", "CT-3/study_0003.nii.gz",
+        "CT-4/study_0004.nii.gz"]
+
+
+@pytest.mark.parametrize(("flags", "exit_code", "message"), [
+    (["--grades", "0"], 1, "got 0"), (["--grades", "5"], 1, "got 5"), (["--grades", "2", "2"], 1, "got 2 2"),
+    (["--grades", "two"], 2, "invalid int value"), (["--grades"], 2, "expected at least one argument"),
+])
+def test_cli_refuses_bad_grades_in_one_line(tmp_path, capsys, flags, exit_code, message):
+    arguments = ["synth", "--out", str(tmp_path / "raw"), "--size", "32", "--quiet", *flags]
+    if exit_code == 2:  # argparse's own refusals exit from inside main
+        with pytest.raises(SystemExit) as exit_info:
+            main(arguments)
+        assert exit_info.value.code == 2
+    else:
+        assert main(arguments) == exit_code
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1
+    assert not (tmp_path / "raw").exists()
