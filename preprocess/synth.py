@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from preprocess.errors import UserError
+from preprocess.lesions import GRADE_INVOLVEMENT_RANGES, HU_LUNG, add_graded_lesions, add_lesions
 from preprocess.sources import find_sources
 
 try:  # ISA-L deflates several times faster than zlib, and compression is most of a write
@@ -34,13 +35,9 @@ log = logging.getLogger(__name__)
 
 CLASS_FOLDERS = ("CT-0", "CT-1")  # normal, abnormal, as in MosMedData
 # MosMedData's grades: lesion voxels / lung voxels in (low, high]; CT-0 is normal
-GRADE_INVOLVEMENT_RANGES = {1: (0.0, 0.25), 2: (0.25, 0.5), 3: (0.5, 0.75), 4: (0.75, 1.0)}
-MAX_LESION_ATTEMPTS = 10_000  # a graded draw ends after a few hundred at most; more is a bug
 FIELD_OF_VIEW_MM = 350.0  # in-plane spacing is FIELD_OF_VIEW_MM / size
 THORAX_LENGTH_MM = 300.0  # slice spacing is THORAX_LENGTH_MM / slice count
-HU_AIR, HU_FAT, HU_SOFT_TISSUE, HU_LUNG, HU_VESSEL = -1000.0, -100.0, 40.0, -850.0, 40.0
-GROUND_GLASS_HU_RANGE = (-700.0, -300.0)
-CONSOLIDATION_HU_RANGE = (-100.0, 50.0)
+HU_AIR, HU_FAT, HU_SOFT_TISSUE, HU_VESSEL = -1000.0, -100.0, 40.0, 40.0
 STORED_HU_RANGE = (-1024, 3071)  # what a 12-bit scanner stores
 MAX_SLICES = 4096  # the loader refuses longer axes
 MAX_SCANS = 100_000  # a synthetic archive this large is a typo, not a plan
@@ -202,90 +199,6 @@ def paint_tube(hu: np.ndarray, lung: np.ndarray, axis_mm: np.ndarray, center_x_m
               + (axis_mm[None, low_y:high_y, None] - center_y_mm) ** 2) < radius_mm**2
     box = (slice(low_x, high_x), slice(low_y, high_y))
     hu[box][inside & lung[box]] = value_hu
-
-
-def add_lesions(hu: np.ndarray, lung: np.ndarray, rng: np.random.Generator, spacing_mm: np.ndarray,
-                lung_size_mm: float) -> np.ndarray:
-    """Blend 2-8 soft-edged ellipsoidal lesions into the lungs of `hu` in place; return where they act.
-
-    Lesions only add density (vessels stay visible through ground glass), and every lesion is centred
-    on a lung parenchyma voxel, so its core reaches its drawn HU even when it is smaller than a voxel.
-    """
-    lesion_mask = np.zeros(hu.shape, dtype=bool)
-    parenchyma = lung & (hu == HU_LUNG)
-    candidate_slices = np.flatnonzero(parenchyma.any(axis=(0, 1)))
-    for _ in range(rng.integers(2, 9)):
-        center = draw_lesion_center(rng, parenchyma, candidate_slices)
-        box, weight, target_hu = draw_lesion(rng, center, hu.shape, spacing_mm, lung_size_mm)
-        blend_lesion(hu, lung, lesion_mask, box, weight, target_hu)
-    return lesion_mask
-
-
-def add_graded_lesions(hu: np.ndarray, lung: np.ndarray, rng: np.random.Generator, spacing_mm: np.ndarray,
-                       lung_size_mm: float, grade: int) -> np.ndarray:
-    """Add lesions like `add_lesions` until the lesion share of the lung is inside `grade`'s range.
-
-    A target share is drawn inside the range first, so scans spread over it. Each new lesion is
-    centred on parenchyma no lesion covers yet, and one that would overshoot the range is dropped
-    and the next ones drawn smaller, so the loop ends after a few hundred lesions at most.
-    """
-    low, high = GRADE_INVOLVEMENT_RANGES[grade]
-    lung_voxels = np.count_nonzero(lung)
-    target_voxels = max(rng.uniform(low, high) * lung_voxels, np.floor(low * lung_voxels) + 1)
-    lesion_mask = np.zeros(hu.shape, dtype=bool)
-    parenchyma = lung & (hu == HU_LUNG)
-    candidate_slices = np.flatnonzero(parenchyma.any(axis=(0, 1)))
-    covered_voxels, scale = 0, 1.0
-    for _ in range(MAX_LESION_ATTEMPTS):
-        if covered_voxels >= target_voxels:
-            return lesion_mask
-        for _ in range(100):  # a centre on uncovered parenchyma grows the share; rarely needs many draws
-            center = draw_lesion_center(rng, parenchyma, candidate_slices)
-            if not lesion_mask[tuple(center)]:
-                break
-        box, weight, target_hu = draw_lesion(rng, center, hu.shape, spacing_mm, lung_size_mm, scale)
-        new_voxels = np.count_nonzero((weight > 0) & lung[box] & ~lesion_mask[box])
-        if covered_voxels + new_voxels > high * lung_voxels:
-            scale *= 0.8
-            continue
-        covered_voxels += blend_lesion(hu, lung, lesion_mask, box, weight, target_hu)
-    raise RuntimeError(f"no grade {grade} lesions after {MAX_LESION_ATTEMPTS} attempts")
-
-
-def draw_lesion_center(rng: np.random.Generator, parenchyma: np.ndarray, candidate_slices: np.ndarray) -> np.ndarray:
-    """A parenchyma voxel (x, y, z): a slice first, then a pixel in it."""
-    center_z = int(rng.choice(candidate_slices))
-    pixels = np.flatnonzero(parenchyma[:, :, center_z])
-    return np.array([*divmod(int(pixels[rng.integers(len(pixels))]), parenchyma.shape[1]), center_z])
-
-
-def draw_lesion(rng: np.random.Generator, center: np.ndarray, shape: tuple[int, ...], spacing_mm: np.ndarray,
-                lung_size_mm: float, scale: float = 1.0) -> tuple[tuple[slice, ...], np.ndarray, float]:
-    """Draw one lesion's kind, density and size: its bounding box, blend weight in [0, 1] and peak HU."""
-    ground_glass = rng.uniform() < 0.6
-    target_hu = rng.uniform(*(GROUND_GLASS_HU_RANGE if ground_glass else CONSOLIDATION_HU_RANGE))
-    core_fraction = rng.uniform(0.2, 0.5) if ground_glass else rng.uniform(0.5, 0.8)
-    semi_axes_mm = scale * rng.uniform(0.2, 0.45) * lung_size_mm * rng.uniform(0.75, 1.25, size=3)
-    half_width = np.ceil(semi_axes_mm / spacing_mm).astype(int)
-    low, high = np.maximum(center - half_width, 0), np.minimum(center + half_width + 1, shape)
-    offsets = [(np.arange(low[axis], high[axis]) - center[axis]) * spacing_mm[axis] / semi_axes_mm[axis]
-               for axis in range(3)]
-    radius = np.sqrt(offsets[0][:, None, None] ** 2 + offsets[1][None, :, None] ** 2
-                     + offsets[2][None, None, :] ** 2)
-    weight = np.clip((1 - radius) / (1 - core_fraction), 0, 1)
-    weight = weight * weight * (3 - 2 * weight)  # smoothstep: no visible rim at the edge
-    return tuple(slice(low[axis], high[axis]) for axis in range(3)), weight, target_hu
-
-
-def blend_lesion(hu: np.ndarray, lung: np.ndarray, lesion_mask: np.ndarray, box: tuple[slice, ...],
-                 weight: np.ndarray, target_hu: float) -> int:
-    """Raise the lung inside `box` towards `target_hu` by `weight`, in place; return how many voxels it newly covers."""
-    inside = (weight > 0) & lung[box]
-    region = hu[box]
-    region[inside] += (weight[inside] * np.maximum(target_hu - region[inside], 0)).astype(np.float32)
-    newly_covered = np.count_nonzero(inside & ~lesion_mask[box])
-    lesion_mask[box] |= inside
-    return int(newly_covered)
 
 
 def write_phantom(phantom: Phantom, path: Path) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,4 +115,7 @@ def test_runs_lists_the_folds(cv_run, capsys):
 
     assert main(["runs", str(cv_run.parent), "--sort", "run"]) == 0
     table = capsys.readouterr().out
-    assert [f"cv/fold-{fold}" in table for fold in range(1, FOLDS + 1)] == [True] * FOLDS
+    for fold in range(1, FOLDS + 1):
+        line = next(line for line in table.splitlines() if line.startswith(f"cv/fold-{fold} "))
+        # a fold never saw the test split: its fold report is not shown as test numbers
+        assert "cv fold" in line and line.split()[-2:] == ["-", "-"], line

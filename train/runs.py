@@ -39,7 +39,7 @@ class RunSummary:
 
     path: Path
     name: str  # relative to the listed folder
-    status: str  # "finished", "stopped early", "unfinished" or "damaged"
+    status: str  # "finished", "stopped early", "unfinished" or "damaged" (", cv fold" for a fold of `cv`)
     problem: str | None = None  # why the run is damaged
     created_utc: str | None = None  # e.g. "2026-11-22T18:00:00Z"
     cache_path: str | None = None
@@ -126,8 +126,13 @@ def read_run_summary(run_dir: Path, root: Path) -> RunSummary:
             problems.append(str(error))
     # a run resumed with more epochs keeps the test result of its earlier best model until it finishes
     if metrics is not None and state is not None and metrics.get("model", state.best_model) == state.best_model:
-        values.update(_test_values(metrics, values.get("task")))
+        if metrics.get("split", "test") == "test":
+            values.update(_test_values(metrics, values.get("task")))
+        # a cross-validation fold reports on its validation fold and never sees the test split:
+        # its numbers are not test numbers (cv_summary.json has the folds' test report)
         status = "stopped early" if state.stopped_early else "finished"
+        if str(metrics.get("split", "")).startswith("val (fold"):
+            status = f"{status}, cv fold"
     else:
         status = "unfinished"
     if problems:

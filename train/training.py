@@ -24,7 +24,7 @@ from train.recorder import RunRecorder, set_random_generator_states
 from train.run import TENSORBOARD, TrainingState
 from train.splits import rows_and_classes
 from train.tasks import (
-    Task, class_indices, compute_class_weights, make_loss, make_task, make_training_metrics, training_targets,
+    Task, compute_class_weights, make_loss, make_task, make_training_metrics, training_targets,
 )
 
 log = logging.getLogger(__name__)
