@@ -68,12 +68,16 @@ def build_seconds_per_scan(raw: Path, out: Path, configurations: list[tuple[int,
 
 
 def peak_rss_of_build(raw: Path, out: Path) -> float:
-    """Peak resident memory, in MiB, of a `build --jobs 2` parent process run in a subprocess."""
+    """Peak resident memory, in MiB, of a `build --jobs 2` parent process run in a subprocess.
+
+    Read from the child's own VmHWM: getrusage's ru_maxrss survives exec on Linux, so a child
+    started from this (by then large) benchmark process would report this process's peak.
+    """
     code = (
-        "import resource, sys; from pathlib import Path; "
+        "import re; from pathlib import Path; "
         "from preprocess.build import BuildOptions, build_cache; "
         f"build_cache(BuildOptions(raw=Path({str(raw)!r}), out=Path({str(out)!r}), jobs=2, force=True, quiet=True)); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+        "print(int(re.search(r'VmHWM:\\s+(\\d+) kB', Path('/proc/self/status').read_text()).group(1)) / 1024)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])

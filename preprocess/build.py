@@ -35,7 +35,7 @@ from preprocess.errors import UserError
 from preprocess.sources import Source, find_sources
 from preprocess.splits import make_splits
 from preprocess.volume import CANONICAL_ORIENTATION, RESAMPLE_METHOD, ScanError, preprocess_scan
-from preprocess.workers import VolumeHandoff, die_with_build_process, remove_orphaned_handoffs
+from preprocess.workers import VolumeHandoff, start_worker, remove_orphaned_handoffs
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def preprocessed_in_parallel(sources: list[Source], preprocessing: Preprocessing
     handoff = VolumeHandoff.open()
     try:
         # the initializer runs in each loky worker as it starts: see preprocess.workers
-        with parallel_config(backend="loky", initializer=die_with_build_process, initargs=(os.getpid(),)):
+        with parallel_config(backend="loky", initializer=start_worker, initargs=(os.getpid(),)):
             handed = Parallel(n_jobs=n_jobs, return_as="generator", batch_size=1, pre_dispatch="2*n_jobs")(
                 delayed(process_source_for_handoff)(source, preprocessing, timeout_seconds, handoff)
                 for source in sources

@@ -1,9 +1,9 @@
-"""Local worker processes: they die with the build, and hand volumes back through shared memory.
+"""Local worker processes: they die with the build, keep their memory, and hand volumes back in shared memory.
 
 A build killed with SIGKILL cannot stop its loky workers, and they wait for work forever
 (seen: two 60 MB orphans per killed build). On Linux a process can ask to be killed when its
-parent dies (PR_SET_PDEATHSIG). The build installs `die_with_build_process` as the initializer
-of its loky workers, so each one asks as it starts.
+parent dies (PR_SET_PDEATHSIG). The build installs `start_worker` as the initializer of its
+loky workers, so each one asks as it starts (and sets its allocator up: `keep_freed_memory`).
 
 A worker's result would otherwise travel as a pickle through loky's pipe: 4 MiB per scan at
 128 x 128 x 64, copied four times (pickle, pipe write, pipe read, unpickle), in small pieces,
@@ -30,16 +30,35 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+WORKER_MMAP_THRESHOLD_BYTES = 64 * 2**20
+WORKER_TRIM_THRESHOLD_BYTES = 128 * 2**20
 SHARED_MEMORY_FOLDER = Path("/dev/shm")
 HANDOFF_PREFIX = "mosmed3d-build-"
 
 
-def die_with_build_process(build_pid: int) -> None:
-    """Initializer of the build's workers: be killed as soon as the build process dies."""
+def start_worker(build_pid: int) -> None:
+    """Initializer of the build's workers: die with the build, and keep freed memory for the next scan."""
     if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        keep_freed_memory(libc)
     if os.getppid() != build_pid:  # the build died while this worker was still starting
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def keep_freed_memory(libc) -> None:
+    """Let glibc reuse a scan's freed buffers for the next scan instead of returning them to the OS.
+
+    Each scan allocates tens of MB (inflated bytes, float slabs). By default glibc maps large
+    blocks fresh and unmaps them when freed, so every scan page-faults its memory in again, and
+    two workers doing that at once contend in the kernel: measured, --jobs 2 went from 0.064 to
+    0.053 s/scan with these thresholds (--jobs 1, in the build's own process, did not change).
+    The same two thresholds are the advice for Dask workers in the README.
+    """
+    if hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, WORKER_MMAP_THRESHOLD_BYTES)
+        libc.mallopt(M_TRIM_THRESHOLD, WORKER_TRIM_THRESHOLD_BYTES)
 
 
 def _is_alive(pid: int) -> bool:
