@@ -35,7 +35,7 @@ from preprocess.errors import UserError
 from preprocess.sources import Source, find_sources
 from preprocess.splits import make_splits
 from preprocess.volume import CANONICAL_ORIENTATION, RESAMPLE_METHOD, ScanError, preprocess_scan
-from preprocess.workers import VolumeHandoff, start_worker, remove_orphaned_handoffs
+from preprocess.workers import VolumeHandoff, remove_orphaned_handoffs, start_worker
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ import numpy as np
 HU_LUNG = -850.0
 GROUND_GLASS_HU_RANGE = (-700.0, -300.0)
 CONSOLIDATION_HU_RANGE = (-100.0, 50.0)
+# MosMedData's grades: lesion voxels / lung voxels in (low, high]; CT-0 is normal
 GRADE_INVOLVEMENT_RANGES = {1: (0.0, 0.25), 2: (0.25, 0.5), 3: (0.5, 0.75), 4: (0.75, 1.0)}
 MAX_LESION_ATTEMPTS = 10_000  # a graded draw ends after a few hundred at most; more is a bug
 

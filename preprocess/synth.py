@@ -34,7 +34,6 @@ except ImportError:  # pragma: no cover - isal is a declared dependency
 log = logging.getLogger(__name__)
 
 CLASS_FOLDERS = ("CT-0", "CT-1")  # normal, abnormal, as in MosMedData
-# MosMedData's grades: lesion voxels / lung voxels in (low, high]; CT-0 is normal
 FIELD_OF_VIEW_MM = 350.0  # in-plane spacing is FIELD_OF_VIEW_MM / size
 THORAX_LENGTH_MM = 300.0  # slice spacing is THORAX_LENGTH_MM / slice count
 HU_AIR, HU_FAT, HU_SOFT_TISSUE, HU_VESSEL = -1000.0, -100.0, 40.0, 40.0

@@ -184,12 +184,14 @@ def run_fit(arguments) -> int | None:
     if not report.is_chief:
         print(f"worker done: {report.state.completed_epochs} epochs; the chief wrote the run to {report.run_dir}")
         return None
+    from train.evaluate import format_number as number
+
     test = report.test_metrics
     if test.get("task") == "severity":
-        result = (f"test macro AUC {_number(test.get('macro_auc'))}, quadratic weighted kappa "
-                  f"{_number(test.get('quadratic_weighted_kappa'))}, accuracy {_number(test.get('accuracy'))}")
+        result = (f"test macro AUC {number(test.get('macro_auc'))}, quadratic weighted kappa "
+                  f"{number(test.get('quadratic_weighted_kappa'))}, accuracy {number(test.get('accuracy'))}")
     else:
-        result = f"test AUC {_number(test.get('auc'))}, accuracy {_number(test.get('accuracy'))}"
+        result = f"test AUC {number(test.get('auc'))}, accuracy {number(test.get('accuracy'))}"
     print(f"run saved in {report.run_dir}: {report.state.completed_epochs} epochs, best val AUC "
           f"{report.state.best_val_auc:.4f} at epoch {report.state.best_epoch}; {result} on {test.get('scans')} scans")
 
@@ -237,10 +239,6 @@ def run_bench(arguments) -> None:
     from train.bench import benchmark_input, format_benchmark
 
     print(format_benchmark(benchmark_input(arguments.cache, arguments.samples, arguments.batch_size, arguments.seed)))
-
-
-def _number(value) -> str:
-    return "undefined" if value is None or value != value else f"{value:.4f}"
 
 
 if __name__ == "__main__":

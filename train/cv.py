@@ -134,8 +134,9 @@ def evaluate_ensemble_on_test(options: FitOptions, run_dirs: list[Path]) -> dict
 
 def format_summary(report: CrossValidationReport) -> str:
     """The summary as aligned lines: mean ± std per metric with the per-fold values, then the test report."""
+    from train.evaluate import format_number as number
+
     summary = report.summary
-    number = lambda value: "n/a" if value is None or value != value else f"{value:.4f}"  # noqa: E731
     lines = [f"{summary['folds']}-fold cross-validation ({summary['task']}) in {report.run_dir}: validation folds",
              f"{'metric':<26}{'mean':>8}  {'± std':>7}   per fold"]
     for name, values in summary["validation"].items():
@@ -143,8 +144,7 @@ def format_summary(report: CrossValidationReport) -> str:
         lines.append(f"{name:<26}{number(values['mean']):>8}  {number(values['std']):>7}   {per_fold}")
     test = summary["test"]
     if test.get("scans"):
-        headline = ("auc", "accuracy", "sensitivity", "specificity") if summary["task"] == "binary" \
-            else ("macro_auc", "accuracy", "quadratic_weighted_kappa")
+        headline = BINARY_METRICS if summary["task"] == "binary" else SEVERITY_METRICS
         lines.append(f"test split ({test['scans']} scans), {test['model']}: "
                      + ", ".join(f"{name} {number(test[name])}" for name in headline))
     lines.append(f"written to {report.run_dir / SUMMARY}")

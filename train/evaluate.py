@@ -89,7 +89,8 @@ def evaluate_run(run_dir: Path, cache: Path, split: str = "test") -> dict:
         return {"run_dir": str(run_dir), "cache": str(cache), "cache_fingerprint": reader.fingerprint, **report}
 
 
-def _number(value) -> str:
+def format_number(value) -> str:
+    """A metric for the terminal: 4 decimals, or "undefined" (None, NaN: e.g. an AUC with one class)."""
     return "undefined" if value is None or value != value else f"{value:.4f}"
 
 
@@ -97,14 +98,13 @@ def format_report(report: dict) -> str:
     """The report as a few aligned lines for the terminal."""
     if report.get("task") == "severity":
         return format_severity_report(report)
-    number = _number
     (true_negatives, false_positives), (false_negatives, true_positives) = report["confusion_matrix"]
     return "\n".join([
         f"{report['split']} split: {report['scans']} scans",
-        f"accuracy     {number(report['accuracy'])}",
-        f"AUC          {number(report['auc'])}",
-        f"sensitivity  {number(report['sensitivity'])}",
-        f"specificity  {number(report['specificity'])}",
+        f"accuracy     {format_number(report['accuracy'])}",
+        f"AUC          {format_number(report['auc'])}",
+        f"sensitivity  {format_number(report['sensitivity'])}",
+        f"specificity  {format_number(report['specificity'])}",
         "confusion matrix   predicted normal  predicted abnormal",
         f"  true normal      {true_negatives:16d}  {false_positives:18d}",
         f"  true abnormal    {false_negatives:16d}  {true_positives:18d}",
@@ -117,12 +117,12 @@ def format_severity_report(report: dict) -> str:
     width = max(len(name) for name in names) + 2
     lines = [
         f"{report['split']} split: {report['scans']} scans, grades {', '.join(names)}",
-        f"accuracy                  {_number(report['accuracy'])}",
-        f"macro one-vs-rest AUC     {_number(report['macro_auc'])}",
-        f"quadratic weighted kappa  {_number(report['quadratic_weighted_kappa'])}",
+        f"accuracy                  {format_number(report['accuracy'])}",
+        f"macro one-vs-rest AUC     {format_number(report['macro_auc'])}",
+        f"quadratic weighted kappa  {format_number(report['quadratic_weighted_kappa'])}",
         f"{'grade':<{width}}{'AUC':>8}{'recall':>9}",
     ]
-    lines += [f"{name:<{width}}{_number(report['auc_per_grade'][name]):>8}{_number(report['recall_per_grade'][name]):>9}"
+    lines += [f"{name:<{width}}{format_number(report['auc_per_grade'][name]):>8}{format_number(report['recall_per_grade'][name]):>9}"
               for name in names]
     lines.append("confusion matrix (rows: true grade, columns: predicted)")
     lines.append(" " * width + "".join(f"{name:>{width}}" for name in names))

@@ -14,7 +14,8 @@ import tensorflow as tf
 from preprocess.cache import CacheReader
 from preprocess.errors import UserError
 from train.data import (
-    Shard, make_training_dataset, make_validation_dataset, reporting_read_failures, steps_per_epoch,
+    Shard, make_training_dataset, make_validation_dataset, reporting_read_failures, sample_weights_of,
+    steps_per_epoch,
 )
 from train.events import ScalarEventLogger
 from train.metrics import Specificity
@@ -96,7 +97,7 @@ def build_before_fit(model: keras.Model, strategy, input_shape, task: Task) -> N
     Keras 3's `fit` creates them from its first batch, which under MultiWorkerMirroredStrategy it
     first all-reduces across workers, and that fails for an (x, y, weight) batch
     (keras-team/keras#20585, open). Built here from shapes alone, that step has nothing left to
-    do, so it is skipped: the one change to Keras's behaviour this tool makes.
+    do, so it is skipped (with `multi_worker_step_logs`, one of the two workarounds for that issue).
     """
     target = [None] if task.is_binary else [None, task.classes]
     batch = (tf.TensorSpec([None, *input_shape, 1], tf.float32), tf.TensorSpec(target, tf.float32),
@@ -141,7 +142,7 @@ def run_training(reader: CacheReader, run_dir: Path, options: FitOptions, state:
     (train_rows, train_classes), (val_rows, val_classes) = rows_and_classes(reader, options, task)
     class_weights = compute_class_weights(task, train_classes)
     train_targets, val_targets = training_targets(task, train_classes), training_targets(task, val_classes)
-    row_weights = np.array([class_weights[int(value)] for value in train_classes], np.float32)
+    row_weights = sample_weights_of(train_classes, class_weights)
     per_replica = options.batch_size
     global_batch_size = per_replica * strategy.num_replicas_in_sync
     first_epoch = state.completed_epochs
