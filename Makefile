@@ -20,17 +20,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The demo runs on synthetic phantoms (not patients): 120 scans of 128x128 pixels, a 64x64x32
-# cache, 15 epochs with the tutorial's settings but --padding same (valid padding needs >= 46
-# voxels per axis), then predictions for two phantoms the model has never seen (another seed).
-# About 2.5 minutes on 2 CPU cores.
+# cache, 15 epochs of the default recipe with --padding same (valid padding needs >= 46 voxels
+# per axis), then predictions for four phantoms the model has never seen (another seed), two of
+# each class. About 2.5 minutes on 2 CPU cores.
 demo: $(STAMP)
 	$(BIN)/python -m preprocess synth --out $(DEMO_RAW) --normal 60 --abnormal 60 --size 128
 	$(BIN)/python -m preprocess build --raw $(DEMO_RAW) --out $(DEMO_CACHE) --shape 64 64 32
 	$(BIN)/python -m preprocess info $(DEMO_CACHE)
 	rm -rf $(DEMO_RUN)
 	$(BIN)/python -m train fit $(DEMO_CACHE) --run-dir $(DEMO_RUN) --epochs 15 --padding same
-	$(BIN)/python -m preprocess synth --out $(DEMO_NEW) --normal 1 --abnormal 1 --size 128 --seed 1 --quiet
-	$(BIN)/python -m train predict $(DEMO_RUN) $(DEMO_NEW)/CT-0/study_0000.nii.gz $(DEMO_NEW)/CT-1/study_0001.nii.gz --explain $(DEMO_RUN)/explanations
+	$(BIN)/python -m preprocess synth --out $(DEMO_NEW) --normal 2 --abnormal 2 --size 128 --seed 1 --quiet
+	$(BIN)/python -m train predict $(DEMO_RUN) $(DEMO_NEW)/CT-0/*.nii.gz $(DEMO_NEW)/CT-1/*.nii.gz --explain $(DEMO_RUN)/explanations
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not veryslow"
@@ -41,6 +41,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_preprocess.py
 	$(BIN)/python benchmarks/bench_input.py $(DEMO_CACHE)
+	$(BIN)/python benchmarks/bench_recipe.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache $(DEMO_RAW) $(DEMO_NEW) $(DEMO_CACHE) $(DEMO_RUN)

@@ -718,11 +718,15 @@ def test_opening_the_cache_while_it_is_being_replaced_always_gives_one_whole_fil
 
 
 # -- 6. bad command lines ----------------------------------------------------------------------
-NUMERIC_FLAGS = {"fit": ["--epochs", "--batch-size", "--lr", "--patience", "--seed"],
+NUMERIC_FLAGS = {"fit": ["--epochs", "--batch-size", "--lr", "--patience", "--seed", "--warmup-epochs",
+                         "--precise-bn-scans", "--bn-momentum"],
                  "bench-input": ["--samples", "--batch-size", "--seed"]}
 VALUES = ["0", "-0", "-1", "1.5", "1e400", "1e300", "1e-300", str(10**30), str(10**12), "abc", "", "nan", "inf",
           "-inf", "0x10"]
 ACCEPTED = {("fit", "--patience", "0"), ("fit", "--patience", "-0"), ("fit", "--seed", "0"), ("fit", "--seed", "-0"),
+            ("fit", "--warmup-epochs", "0"), ("fit", "--warmup-epochs", "-0"), ("fit", "--precise-bn-scans", "0"),
+            ("fit", "--precise-bn-scans", "-0"), ("fit", "--bn-momentum", "0"), ("fit", "--bn-momentum", "-0"),
+            ("fit", "--bn-momentum", "1e-300"),
             ("bench-input", "--seed", "0"), ("bench-input", "--seed", "-0")}
 CASES = [(command, flag, value) for command, flags in NUMERIC_FLAGS.items() for flag in flags for value in VALUES
          if (command, flag, value) not in ACCEPTED]
@@ -774,6 +778,9 @@ def test_bad_numbers_are_refused_before_tensorflow_is_imported(tiny_cache, tmp_p
     ({"epochs": 10**12}, "--epochs"), ({"epochs": True}, "--epochs"), ({"batch_size": 10**12}, "--batch-size"),
     ({"learning_rate": 1e300}, "--lr"), ({"learning_rate": float("nan")}, "--lr"), ({"seed": 2**32}, "--seed"),
     ({"patience": -1}, "--patience"), ({"patience": 10**12}, "--patience"),
+    ({"bn_momentum": float("nan")}, "--bn-momentum"), ({"bn_momentum": 1.0}, "--bn-momentum"),
+    ({"precise_bn_scans": 10**12}, "--precise-bn-scans"), ({"warmup_epochs": 10**12}, "--warmup-epochs"),
+    ({"recipe": "fastest"}, "--recipe"), ({"precision": "bf16"}, "--precision"),
 ])
 def test_fit_options_from_code_have_the_same_limits(tiny_cache, tmp_path, changes, fragment):
     with pytest.raises(UserError, match=fragment):

@@ -15,6 +15,7 @@ from train.__main__ import main, make_parser
 
 COMMANDS = {
     "fit": ["--run-dir", "--epochs", "--batch-size", "--lr", "--patience", "--seed", "--padding", "--precision",
+            "--recipe", "--schedule", "--warmup-epochs", "--bn-momentum", "--precise-bn-scans", "--pooling",
             "--resume", "--quiet"],
     "evaluate": ["--split"],
     "predict": ["--json"],

@@ -120,22 +120,27 @@ def run_workers(cache: Path, run_dir: Path, cwd: Path, *flags: str) -> list[subp
     return results
 
 
-@pytest.fixture(scope="module")
-def mirrored_run(tiny_cache, tmp_path_factory) -> Path:
-    """The same training on one process whose CPU is split into two logical devices (MirroredStrategy)."""
-    run_dir = tmp_path_factory.mktemp("mirrored") / "run"
+def run_mirrored(cache: Path, run_dir: Path, *flags: str) -> None:
+    """`fit --strategy mirrored` in one process whose CPU is split into two logical devices."""
     code = (
         "import sys, tensorflow as tf\n"
         "cpu = tf.config.list_physical_devices('CPU')[0]\n"
         "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
         "from train.__main__ import main\n"
-        f"sys.exit(main(['fit', {str(tiny_cache)!r}, '--run-dir', {str(run_dir)!r}, '--strategy', 'mirrored', "
-        f"*{FIT_FLAGS!r}]))\n"
+        f"sys.exit(main(['fit', {str(cache)!r}, '--run-dir', {str(run_dir)!r}, '--strategy', 'mirrored', "
+        f"*{[*FIT_FLAGS, *flags]!r}]))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"},
                             timeout=SUBPROCESS_TIMEOUT_SECONDS)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def mirrored_run(tiny_cache, tmp_path_factory) -> Path:
+    """The same training on one process whose CPU is split into two logical devices (MirroredStrategy)."""
+    run_dir = tmp_path_factory.mktemp("mirrored") / "run"
+    run_mirrored(tiny_cache, run_dir)
     return run_dir
 
 
@@ -185,7 +190,11 @@ def test_two_worker_processes_train_one_run_that_only_the_chief_writes(tiny_cach
 
 
 @pytest.mark.slow
-def test_a_multiworker_run_resumes(tiny_cache, tmp_path, mirrored_run):
+def test_a_multiworker_run_resumes(tiny_cache, tmp_path):
+    """Stopped after epoch 1 (by --epochs 1) and resumed to EPOCHS: the same history as a mirrored run stopped
+    and resumed the same way. (Not as an uninterrupted run: --epochs plans the cosine schedule, so a run
+    started with --epochs 1 learns differently in its first epoch; SIGKILLed runs, which keep their --epochs,
+    resume exactly as if uninterrupted: test_faults_train.py.)"""
     run_dir = tmp_path / "run"
     first = run_workers(tiny_cache, run_dir, tmp_path, "--epochs", "1")
     assert [result.returncode for result in first] == [0, 0], first[0].stderr[-3000:] + first[1].stderr[-3000:]
@@ -193,4 +202,49 @@ def test_a_multiworker_run_resumes(tiny_cache, tmp_path, mirrored_run):
     resumed = run_workers(tiny_cache, run_dir, tmp_path, "--resume")
     assert [result.returncode for result in resumed] == [0, 0], resumed[0].stderr[-3000:] + resumed[1].stderr[-3000:]
     assert read_state(run_dir).completed_epochs == EPOCHS
-    assert_same_history(run_dir, mirrored_run)  # as if it had never stopped
+    mirrored = tmp_path / "mirrored"
+    run_mirrored(tiny_cache, mirrored, "--epochs", "1")
+    run_mirrored(tiny_cache, mirrored, "--resume")
+    assert_same_history(run_dir, mirrored)
+
+
+@pytest.mark.slow
+def test_precise_bn_leaves_every_mirrored_replica_with_the_same_statistics(tmp_path):
+    """Two replicas on two logical CPU devices: after an epoch and its re-estimation, each BatchNorm's moving
+    statistics are the same on both replicas, are the population statistics of the batches, and have moved."""
+    code = """
+import sys
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices('CPU')[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from train.architecture import Architecture
+from train.model import build_model
+from train.precise_bn import PreciseBatchNorm, batchnorm_layers, estimate_population_statistics
+keras.utils.set_random_seed(0)
+strategy = tf.distribute.MirroredStrategy()
+assert strategy.num_replicas_in_sync == 2
+rng = np.random.default_rng(0)
+volumes = rng.uniform(0, 1, (8, 16, 16, 8, 1)).astype(np.float32)
+labels = np.array([0, 1] * 4, np.float32)
+with strategy.scope():
+    model = build_model((16, 16, 8), padding='same', architecture=Architecture(block_filters=(4, 8), dense_units=8))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss='binary_crossentropy')
+before = [np.array(layer.moving_mean) for layer in batchnorm_layers(model)]
+batches = tf.data.Dataset.from_tensor_slices(volumes[:6]).batch(2)
+model.fit(tf.data.Dataset.from_tensor_slices((volumes, labels)).batch(4), epochs=1, verbose=0,
+          validation_data=tf.data.Dataset.from_tensor_slices((volumes, labels)).batch(4),
+          callbacks=[PreciseBatchNorm(batches)])
+expected = estimate_population_statistics(model, batches)
+for layer, old, (mean, variance) in zip(batchnorm_layers(model), before, expected):
+    for variable, value in ((layer.moving_mean, mean), (layer.moving_variance, variance)):
+        replicas = [np.array(component) for component in variable.value.values]
+        assert len(replicas) == 2 and np.array_equal(replicas[0], replicas[1]), layer.name
+        np.testing.assert_allclose(replicas[0], value, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(np.array(layer.moving_mean), old)
+print('ok')
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"},
+                            timeout=SUBPROCESS_TIMEOUT_SECONDS)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

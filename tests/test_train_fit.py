@@ -24,7 +24,7 @@ from preprocess.errors import UserError  # noqa: E402
 from train.__main__ import main  # noqa: E402
 from train.evaluate import evaluate_run  # noqa: E402
 from train.fit import fit_model  # noqa: E402
-from train.options import FitOptions  # noqa: E402
+from train.options import DEFAULT_RECIPE, RECIPES, FitOptions  # noqa: E402
 from train.predict import predict_scans  # noqa: E402
 from train.run import read_history, read_state  # noqa: E402
 
@@ -87,7 +87,10 @@ def test_history_has_one_row_per_epoch_with_train_and_validation_metrics(trained
     assert [row["epoch"] for row in history] == list(range(1, EPOCHS + 1))
     for metric in ("loss", "accuracy", "auc", "sensitivity", "specificity"):
         assert metric in history[0] and f"val_{metric}" in history[0]
-    assert history[0]["learning_rate"] == pytest.approx(1e-4)
+    # the default recipe: one epoch of warm-up to the peak rate, then a cosine decay that acts every epoch
+    rates = [row["learning_rate"] for row in history]
+    assert rates[0] == pytest.approx(RECIPES[DEFAULT_RECIPE]["learning_rate"])
+    assert rates[0] > rates[1] > rates[2] >= 0.0
 
 
 def test_metrics_json_is_the_best_model_on_the_test_split(trained_run, tiny_cache):

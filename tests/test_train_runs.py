@@ -84,7 +84,8 @@ def test_the_table_lists_every_run_with_its_values(tmp_path):
     assert list(rows) == ["20261122-180000", "20261123-090000"]
     assert rows["20261122-180000"] == {
         "run": "20261122-180000", "date": "2026-11-22 18:00", "status": "finished", "cache": "aaaaaaaa",
-        "task": "binary", "epochs": "15/15", "batch": "2", "lr": "1e-04", "padding": "valid", "seed": "0",
+        "task": "binary", "recipe": "tutorial", "epochs": "15/15", "batch": "2", "lr": "1e-04", "padding": "valid",
+        "seed": "0",
         "val_auc": "0.8889", "test_auc": "0.7531", "test_acc": "0.6667"}
     second = rows["20261123-090000"]
     assert (second["status"], second["epochs"], second["batch"], second["lr"], second["padding"], second["seed"]) \
@@ -268,3 +269,14 @@ def test_listing_runs_does_not_import_tensorflow():
     code = "import sys, train.runs; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_the_recipe_column_names_each_run_s_recipe_and_tutorial_for_runs_from_before_recipes(tmp_path):
+    make_run(tmp_path / "old", metrics=finished(0.8))
+    make_run(tmp_path / "new", metrics=finished(0.9), recipe="precise")
+    make_run(tmp_path / "tut", metrics=finished(0.7), recipe="tutorial")
+    rows = parse_table(format_runs_table(list_runs(tmp_path), None))
+    assert {name: row["recipe"] for name, row in rows.items()} == {"old": "tutorial", "new": "precise",
+                                                                     "tut": "tutorial"}
+    ordered = sort_runs(list_runs(tmp_path), "recipe")
+    assert [run.recipe for run in ordered] == ["precise", "tutorial", "tutorial"]

@@ -18,12 +18,14 @@ from train.distribute import STRATEGIES  # noqa: E402
 from train.runs import COLUMNS as RUN_COLUMNS  # noqa: E402
 from train.tasks import TASKS  # noqa: E402
 from train.options import (  # noqa: E402
-    MAX_BENCH_SAMPLES, MAX_LEARNING_RATE, MIN_LEARNING_RATE, PADDINGS, PRECISIONS, WHOLE_NUMBER_RANGES, FitOptions,
+    MAX_BENCH_SAMPLES, MAX_LEARNING_RATE, MIN_LEARNING_RATE, PADDINGS, POOLINGS, PRECISIONS, RECIPES, SCHEDULES,
+    WHOLE_NUMBER_RANGES, FitOptions,
 )
 
 PROG = "python -m train"
 DEFAULTS = FitOptions()
 SPLITS = ("train", "val", "test")
+FLAG_NAMES = {"learning_rate": "lr"}  # FitOptions fields whose flag is not their name
 
 
 def within(parse, minimum, maximum):
@@ -118,6 +120,12 @@ def make_parser() -> ArgumentParser:
     return parser
 
 
+def describe_recipe(values: dict) -> str:
+    """A recipe as the flags it stands for: "--lr 0.001, --schedule cosine, ..."."""
+    return ", ".join(f"--{FLAG_NAMES.get(name, name.replace('_', '-'))} "
+                     + (f"{value:g}" if isinstance(value, float) else str(value)) for name, value in values.items())
+
+
 def add_fit_arguments(parser, run_dir_help: str, resume_help: str) -> None:
     """The options `fit` and `cv` share: one flag per FitOptions field."""
     parser.add_argument("cache", type=Path, metavar="CACHE", help="cache file from `python -m preprocess build`")
@@ -128,24 +136,50 @@ def add_fit_arguments(parser, run_dir_help: str, resume_help: str) -> None:
                         "grades CT-0 ... CT-4 present in the cache")
     parser.add_argument("--epochs", type=whole_number("epochs"), default=DEFAULTS.epochs,
                         help="maximum number of epochs")
-    parser.add_argument("--batch-size", type=whole_number("batch_size"), default=DEFAULTS.batch_size,
-                        help="volumes per batch and replica (the global batch is this times the replicas)")
-    parser.add_argument("--lr", "--learning-rate", dest="learning_rate",
-                        type=within(positive_float, MIN_LEARNING_RATE, MAX_LEARNING_RATE),
-                        default=DEFAULTS.learning_rate,
-                        help="initial learning rate of Adam (decays x0.96 per 100k steps)")
     parser.add_argument("--patience", type=whole_number("patience"), default=DEFAULTS.patience,
                         help="stop after this many epochs without a better validation AUC")
     parser.add_argument("--seed", type=whole_number("seed"), default=DEFAULTS.seed,
                         help="seed of the initial weights, the data order and the augmentation (and of the folds)")
-    parser.add_argument("--padding", choices=PADDINGS, default=DEFAULTS.padding,
-                        help="convolution padding: 'valid' (the tutorial's) needs >= 46 voxels per axis")
-    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision,
-                        help="Keras dtype policy (the output layer always computes in float32)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default=DEFAULTS.strategy,
-                        help="tf.distribute strategy: mirrored (one replica per local GPU), multiworker (processes "
-                        "or machines named by TF_CONFIG; needs --run-dir), default (one device), auto (mirrored "
-                        "with more than one GPU, else default)")
+
+    recipe = parser.add_argument_group(
+        "training recipe", "A recipe sets every option of this group that is not given: "
+        + "; ".join(f"{name}: {describe_recipe(values)}" for name, values in RECIPES.items())
+        + ". config.json records the resolved values.")
+    recipe.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULTS.recipe,
+                        help="precise: BatchNorm statistics re-estimated before every validation, warm-up and "
+                        "cosine decay, bfloat16 where native; tutorial: the Keras tutorial's training exactly")
+    recipe.add_argument("--lr", "--learning-rate", dest="learning_rate",
+                        type=within(positive_float, MIN_LEARNING_RATE, MAX_LEARNING_RATE),
+                        default=DEFAULTS.learning_rate, metavar="RATE",
+                        help="peak learning rate of Adam%(default).0s")
+    recipe.add_argument("--schedule", choices=SCHEDULES, default=DEFAULTS.schedule,
+                        help="learning-rate schedule: tutorial (x0.96 per 100k steps, which never acts in a run of "
+                        "this size), cosine (decays to 0 over --epochs)%(default).0s")
+    recipe.add_argument("--warmup-epochs", type=whole_number("warmup_epochs"), default=DEFAULTS.warmup_epochs,
+                        metavar="N", help="epochs of linear warm-up from 0 (cosine only; at most --epochs - 1)"
+                        "%(default).0s")
+    recipe.add_argument("--bn-momentum", type=within(float, 0.0, 0.999999), default=DEFAULTS.bn_momentum,
+                        metavar="M", help="momentum of BatchNorm's moving statistics%(default).0s")
+    recipe.add_argument("--precise-bn-scans", type=whole_number("precise_bn_scans"),
+                        default=DEFAULTS.precise_bn_scans, metavar="N",
+                        help="before every validation, re-estimate BatchNorm's statistics from this many training "
+                        "scans (PreciseBN); 0: never%(default).0s")
+    recipe.add_argument("--pooling", choices=POOLINGS, default=DEFAULTS.pooling,
+                        help="global pooling before the dense head (avgmax: both, concatenated)%(default).0s")
+    recipe.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision,
+                        help="Keras dtype policy (the output layer always computes in float32); auto: "
+                        "mixed_bfloat16 on a GPU of compute capability >= 8.0 or a CPU with AVX512_BF16 or AMX, "
+                        "else float32%(default).0s")
+
+    execution = parser.add_argument_group("execution")
+    execution.add_argument("--batch-size", type=whole_number("batch_size"), default=DEFAULTS.batch_size,
+                           help="volumes per batch and replica (the global batch is this times the replicas)")
+    execution.add_argument("--padding", choices=PADDINGS, default=DEFAULTS.padding,
+                           help="convolution padding: 'valid' (the tutorial's) needs >= 46 voxels per axis")
+    execution.add_argument("--strategy", choices=STRATEGIES, default=DEFAULTS.strategy,
+                           help="tf.distribute strategy: mirrored (one replica per local GPU), multiworker (processes "
+                           "or machines named by TF_CONFIG; needs --run-dir), default (one device), auto (mirrored "
+                           "with more than one GPU, else default)")
     parser.add_argument("--resume", action="store_true", help=resume_help)
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines; only warnings and errors")
 
@@ -153,9 +187,11 @@ def add_fit_arguments(parser, run_dir_help: str, resume_help: str) -> None:
 def fit_options_of(arguments) -> FitOptions:
     return FitOptions(
         cache=arguments.cache, run_dir=arguments.run_dir, epochs=arguments.epochs, batch_size=arguments.batch_size,
-        learning_rate=arguments.learning_rate, patience=arguments.patience, seed=arguments.seed,
-        padding=arguments.padding, precision=arguments.precision, strategy=arguments.strategy, task=arguments.task,
-        resume=arguments.resume, quiet=arguments.quiet,
+        recipe=arguments.recipe, learning_rate=arguments.learning_rate, schedule=arguments.schedule,
+        warmup_epochs=arguments.warmup_epochs, bn_momentum=arguments.bn_momentum,
+        precise_bn_scans=arguments.precise_bn_scans, pooling=arguments.pooling, patience=arguments.patience,
+        seed=arguments.seed, padding=arguments.padding, precision=arguments.precision, strategy=arguments.strategy,
+        task=arguments.task, resume=arguments.resume, quiet=arguments.quiet,
     )
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from preprocess.cache import CacheReader
 from preprocess.errors import UserError
 from train.files import write_json_atomically
-from train.options import FitOptions, check_fit_options
+from train.options import FitOptions, check_fit_options, resolve_recipe
 from train.run import CONFIG, create_new_run_dir, make_run_dir
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def cross_validate(options: FitOptions, folds: int) -> CrossValidationReport:
         raise UserError(f"--folds must be a whole number from 2 to {MAX_FOLDS}, got {folds!r}")
     if options.strategy == "multiworker":
         raise UserError("cv runs its folds one after another in this process; use --strategy mirrored or default")
-    check_fit_options(replace(options, fold=1, folds=folds))
+    check_fit_options(replace(resolve_recipe(options), fold=1, folds=folds))
     with CacheReader(options.cache) as reader:  # refuse a cache with too few rows before any folder is made
         pool = len(reader.split("train")) + len(reader.split("val"))
         if pool < 2 * folds:

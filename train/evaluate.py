@@ -11,7 +11,7 @@ import numpy as np
 from preprocess.cache import CacheReader, Preprocessing
 from preprocess.errors import UserError
 from train.native_logs import load_tensorflow
-from train.run import open_run
+from train.run import ROC_CURVE, open_run
 from train.tasks import Task, class_indices, task_from_config
 
 log = logging.getLogger(__name__)
@@ -59,18 +59,30 @@ def report_from_probabilities(task: Task, classes: np.ndarray, probabilities: np
     return compute_severity_report(classes, probabilities, task.class_names, task.grade_numbers)
 
 
-def evaluate_rows(model, reader: CacheReader, rows: np.ndarray, task: Task, name: str) -> dict:
-    """The report (see `train.metrics`) of `model` on some rows of the cache, labelled `name`."""
+def evaluate_rows(model, reader: CacheReader, rows: np.ndarray, task: Task, name: str,
+                  roc_path: Path | None = None) -> dict:
+    """The report (see `train.metrics`) of `model` on some rows of the cache, labelled `name`;
+    with `roc_path`, also a PNG of the ROC curve there (a file that cannot be written is a warning)."""
+    from train.files import WriteError
+    from train.options import DECISION_THRESHOLD
+    from train.plots import save_roc_curve
+
     if len(rows) == 0:
         log.warning("the %s rows of %s are none; their metrics are undefined", name, reader.path)
     probabilities = predict_split(model, reader, rows)
-    return {"split": name, "task": task.name,
-            **report_from_probabilities(task, class_indices(task, reader, rows), probabilities)}
+    classes = class_indices(task, reader, rows)
+    if roc_path is not None and len(rows):
+        try:
+            save_roc_curve(classes, probabilities, task.class_names, f"ROC, {name} split of {Path(reader.path).name}",
+                           roc_path, DECISION_THRESHOLD if task.is_binary else None)
+        except WriteError as error:
+            log.warning("no ROC curve: %s", error)
+    return {"split": name, "task": task.name, **report_from_probabilities(task, classes, probabilities)}
 
 
-def evaluate_model(model, reader: CacheReader, split: str, task: Task) -> dict:
-    """The report of `model` on a split of the cache."""
-    return evaluate_rows(model, reader, reader.split(split), task, split)
+def evaluate_model(model, reader: CacheReader, split: str, task: Task, roc_path: Path | None = None) -> dict:
+    """The report of `model` on a split of the cache (and its ROC curve, with `roc_path`)."""
+    return evaluate_rows(model, reader, reader.split(split), task, split, roc_path)
 
 
 def evaluate_run(run_dir: Path, cache: Path, split: str = "test") -> dict:
@@ -85,7 +97,10 @@ def evaluate_run(run_dir: Path, cache: Path, split: str = "test") -> dict:
         from train.model import load_best_model
 
         model = load_best_model(Path(run_dir))
-        report = evaluate_model(model, reader, split, task)
+        roc_path = Path(run_dir) / ROC_CURVE.format(split=f"{split}_{Path(cache).stem}")
+        report = evaluate_model(model, reader, split, task, roc_path)
+        if roc_path.is_file():
+            report["roc_curve"] = str(roc_path)
         return {"run_dir": str(run_dir), "cache": str(cache), "cache_fingerprint": reader.fingerprint, **report}
 
 
@@ -95,9 +110,12 @@ def format_number(value) -> str:
 
 
 def format_report(report: dict) -> str:
-    """The report as a few aligned lines for the terminal."""
-    if report.get("task") == "severity":
-        return format_severity_report(report)
+    """The report as a few aligned lines for the terminal (and where its ROC curve went)."""
+    lines = format_severity_report(report) if report.get("task") == "severity" else format_binary_report(report)
+    return lines + (f"\nROC curve: {report['roc_curve']}" if report.get("roc_curve") else "")
+
+
+def format_binary_report(report: dict) -> str:
     (true_negatives, false_positives), (false_negatives, true_positives) = report["confusion_matrix"]
     return "\n".join([
         f"{report['split']} split: {report['scans']} scans",

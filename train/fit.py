@@ -23,10 +23,10 @@ from train.architecture import check_input_shape
 from train.distribute import ClusterRole, read_cluster_role
 from train.evaluate import preprocessing_as_json
 from train.native_logs import load_tensorflow
-from train.options import FitOptions, changed_options, check_fit_options
+from train.options import FitOptions, changed_options, check_fit_options, resolve_recipe
 from train.files import read_json, write_json_atomically
 from train.run import (
-    CONFIG, CURVES, HISTORY, METRICS, STATE, TrainingState, create_new_run_dir, default_run_dir, is_own_file,
+    CONFIG, CURVES, HISTORY, METRICS, ROC_CURVE, STATE, TrainingState, create_new_run_dir, default_run_dir, is_own_file,
     locked_run_dir, make_run_dir, read_history, read_state, remove_other_models, remove_stale_temporaries,
     write_history,
 )
@@ -50,6 +50,7 @@ def fit_model(options: FitOptions) -> FitReport:
     In a multi-worker run every worker calls this; only the chief prepares, locks and writes the
     run directory, and the others train alongside it with a scratch folder (see `train.distribute`).
     """
+    options = resolve_recipe(options)
     check_fit_options(options)
     role = read_cluster_role(options.strategy)
     with CacheReader(options.cache) as reader:
@@ -69,6 +70,7 @@ def fit_model(options: FitOptions) -> FitReport:
         run_dir = prepare_run_dir(options)
         options = replace(options, run_dir=run_dir)
         with locked_run_dir(run_dir):
+            options = resolve_auto_precision(options)
             if options.resume:
                 state, history = reopen_run(run_dir, options, reader)
             else:
@@ -83,6 +85,17 @@ def fit_model(options: FitOptions) -> FitReport:
 
                 state = run_training(reader, run_dir, options, state, history, strategy)
             return finish_run(run_dir, reader, state, options)
+
+
+def resolve_auto_precision(options: FitOptions) -> FitOptions:
+    """`--precision auto` decided for this machine (imports TensorFlow), before config.json records it
+    and a resume compares it."""
+    if options.precision != "auto":
+        return options
+    load_tensorflow()
+    from train.precision import resolve_precision
+
+    return replace(options, precision=resolve_precision(options.precision))
 
 
 def prepare_run_dir(options: FitOptions) -> Path:
@@ -123,8 +136,8 @@ def record_distribution(run_dir: Path, strategy, options: FitOptions) -> None:
     if recorded != distribution:
         config["distribution"] = distribution
         write_json_atomically(run_dir / CONFIG, config)
-    log.info("strategy %s: %d replica(s) on %d worker(s), global batch %d", distribution["strategy"],
-             distribution["replicas"], distribution["workers"], distribution["global_batch_size"])
+    log.info("strategy %s: %d replica(s) on %d worker(s), global batch %d, precision %s", distribution["strategy"],
+             distribution["replicas"], distribution["workers"], distribution["global_batch_size"], options.precision)
 
 
 def fit_as_worker(options: FitOptions, reader: CacheReader, role: ClusterRole) -> FitReport:
@@ -134,6 +147,7 @@ def fit_as_worker(options: FitOptions, reader: CacheReader, role: ClusterRole) -
     saving runs the same ops on every worker, and nothing it writes can be mistaken for a result.
     """
     run_dir = Path(options.run_dir)
+    options = resolve_auto_precision(options)
     state, history = TrainingState(), []
     if options.resume:
         if not (run_dir / CONFIG).is_file():
@@ -259,10 +273,11 @@ def finish_run(run_dir: Path, reader: CacheReader, state: TrainingState, options
     model = load_trained_model(run_dir / state.best_model)
     task = task_from_config(read_json(run_dir / CONFIG))
     if options.fold is None:
-        report = evaluate_model(model, reader, "test", task)
+        report = evaluate_model(model, reader, "test", task, run_dir / ROC_CURVE.format(split="test"))
     else:
         _, (val_rows, _) = rows_and_classes(reader, options, task)
-        report = evaluate_rows(model, reader, val_rows, task, f"val (fold {options.fold} of {options.folds})")
+        report = evaluate_rows(model, reader, val_rows, task, f"val (fold {options.fold} of {options.folds})",
+                               run_dir / ROC_CURVE.format(split="val"))
     metrics = {"model": state.best_model, "best_epoch": state.best_epoch, "best_val_auc": state.best_val_auc,
                "cache_fingerprint": reader.fingerprint, **report}
     write_json_atomically(metrics_path, metrics)

@@ -135,3 +135,22 @@ def compute_severity_report(true_grades: np.ndarray, probabilities: np.ndarray, 
         # rows: true grade; columns: predicted grade (both in class_names order)
         "confusion_matrix": confusion.tolist(),
     }
+
+
+def compute_roc_curve(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The exact ROC curve: false- and true-positive rates as the threshold falls through every distinct score.
+
+    Starts at (0, 0) and ends at (1, 1); tied scores move both rates in one step, so the area
+    under it (trapezoids) is `compute_roc_auc`.
+    """
+    labels = np.asarray(labels).astype(int).reshape(-1)
+    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+    positives, negatives = int((labels == 1).sum()), int((labels == 0).sum())
+    if positives == 0 or negatives == 0:
+        return np.array([0.0, 1.0]), np.array([0.0, 1.0])  # undefined with one class: the chance diagonal
+    thresholds = np.unique(probabilities)[::-1]
+    true_positive_rate = [0.0] + [float(((probabilities >= value) & (labels == 1)).sum()) / positives
+                                  for value in thresholds]
+    false_positive_rate = [0.0] + [float(((probabilities >= value) & (labels == 0)).sum()) / negatives
+                                   for value in thresholds]
+    return np.array(false_positive_rate), np.array(true_positive_rate)

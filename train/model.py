@@ -13,13 +13,16 @@ from train.run import best_model_path, read_state
 
 
 def build_model(input_shape: tuple[int, int, int], padding: str = "valid", precision: str = "float32",
-                architecture: Architecture = TUTORIAL, name: str = "3dcnn", classes: int = 1) -> keras.Model:
+                architecture: Architecture = TUTORIAL, name: str = "3dcnn", classes: int = 1,
+                bn_momentum: float = 0.99, pooling: str = "avg") -> keras.Model:
     """Functional 3D CNN for (H, W, D) volumes with a channel axis.
 
     With `classes` 1 it returns P(abnormal) (the tutorial's sigmoid); with more, a softmax over
     that many classes (the severity grades). `precision` is a Keras dtype policy for every layer
     except the output, which stays float32 so the probabilities and the loss are not computed
-    in 16 bits.
+    in 16 bits. `bn_momentum` is BatchNorm's (Keras's default 0.99, the tutorial's). `pooling`
+    is the global pooling before the head: avg (the tutorial's), max, or avgmax (both,
+    concatenated: a lesion of a few voxels moves the maximum even where it hardly moves the mean).
     """
     check_input_shape(tuple(input_shape), padding, architecture)
     inputs = keras.Input((*input_shape, 1), name="volume")
@@ -28,8 +31,16 @@ def build_model(input_shape: tuple[int, int, int], padding: str = "valid", preci
         features = layers.Conv3D(filters, architecture.kernel_size, padding=padding, activation="relu",
                                  dtype=precision, name=f"conv{index}")(features)
         features = layers.MaxPool3D(architecture.pool_size, dtype=precision, name=f"pool{index}")(features)
-        features = layers.BatchNormalization(dtype=precision, name=f"norm{index}")(features)
-    features = layers.GlobalAveragePooling3D(dtype=precision, name="global_pool")(features)
+        features = layers.BatchNormalization(momentum=bn_momentum, dtype=precision, name=f"norm{index}")(features)
+    if pooling == "avg":
+        features = layers.GlobalAveragePooling3D(dtype=precision, name="global_pool")(features)
+    elif pooling == "max":
+        features = layers.GlobalMaxPooling3D(dtype=precision, name="global_pool")(features)
+    else:
+        features = layers.Concatenate(dtype=precision, name="global_pool")([
+            layers.GlobalAveragePooling3D(dtype=precision, name="global_average_pool")(features),
+            layers.GlobalMaxPooling3D(dtype=precision, name="global_max_pool")(features),
+        ])
     features = layers.Dense(architecture.dense_units, activation="relu", dtype=precision, name="dense")(features)
     features = layers.Dropout(architecture.dropout_rate, dtype=precision, name="dropout")(features)
     if classes == 1:

@@ -1,7 +1,7 @@
 """`FitOptions`: every training option with its default; each field is one `fit` flag."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from preprocess.errors import UserError
@@ -9,7 +9,9 @@ from train.distribute import STRATEGIES
 from train.tasks import TASKS
 
 PADDINGS = ("valid", "same")
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+SCHEDULES = ("tutorial", "cosine")
+POOLINGS = ("avg", "max", "avgmax")
 # Options a --resume may change: they do not change what the finished run computes (epochs only
 # extends or shortens the schedule; quiet and resume are about this invocation).
 RESUMABLE_CHANGES = ("epochs", "quiet", "resume", "run_dir", "cache")
@@ -18,30 +20,55 @@ DECISION_THRESHOLD = 0.5
 # The range of each whole-number option. The upper bounds are far beyond any real experiment:
 # a larger value is a typo or an overflow, refused at once rather than attempted for hours
 # (a batch of 10**12 volumes, 10**12 epochs). Seeds must fit NumPy's seed range.
+MAX_PRECISE_BN_SCANS = 100_000
+MAX_WARMUP_EPOCHS = 1_000
 WHOLE_NUMBER_RANGES = {
     "epochs": (1, 100_000),
     "batch_size": (1, 1024),
     "patience": (0, 100_000),
     "seed": (0, 2**32 - 1),
+    "warmup_epochs": (0, MAX_WARMUP_EPOCHS),
+    "precise_bn_scans": (0, MAX_PRECISE_BN_SCANS),
 }
 # Adam diverges long before the maximum; below the minimum, float32 weights do not change at all
 MIN_LEARNING_RATE, MAX_LEARNING_RATE = 1e-10, 1.0
 MAX_BENCH_SAMPLES = 1_000_000
 
+# A recipe names a value for every training choice a flag leaves unset (None). `tutorial` is the
+# Keras tutorial's training exactly; `precise` is what benchmarks/bench_recipe.py measured best
+# (README, "Training recipe"): BatchNorm statistics re-estimated before every validation, so
+# validation and checkpoints see population statistics rather than a lagging average of
+# batch-of-2 statistics, a warm-up then cosine decay that actually acts within the run, and
+# bfloat16 where the hardware runs it natively.
+RECIPES = {
+    "tutorial": {"learning_rate": 1e-4, "schedule": "tutorial", "warmup_epochs": 0, "bn_momentum": 0.99,
+                 "precise_bn_scans": 0, "precision": "float32", "pooling": "avg"},
+    "precise": {"learning_rate": 1e-3, "schedule": "cosine", "warmup_epochs": 1, "bn_momentum": 0.9,
+                "precise_bn_scans": 32, "precision": "auto", "pooling": "avg"},
+}
+DEFAULT_RECIPE = "precise"
+
 
 @dataclass(frozen=True)
 class FitOptions:
-    """Options of `python -m train fit`; the defaults are the Keras tutorial's."""
+    """Options of `python -m train fit`. A training choice left None takes its recipe's value
+    (`resolve_recipe`); config.json records the resolved values."""
 
     cache: Path = Path("data/mosmed.h5")
     run_dir: Path | None = None  # None: runs/<timestamp>
     epochs: int = 100
     batch_size: int = 2
-    learning_rate: float = 1e-4
+    recipe: str = DEFAULT_RECIPE
+    learning_rate: float | None = None  # peak rate of Adam (after any warm-up)
+    schedule: str | None = None  # tutorial: x0.96 per 100k steps; cosine: decays to 0 over --epochs
+    warmup_epochs: int | None = None  # linear warm-up from 0 (cosine schedule only)
+    bn_momentum: float | None = None  # of BatchNorm's moving statistics (Keras's default: 0.99)
+    precise_bn_scans: int | None = None  # training scans to re-estimate BatchNorm's statistics from; 0: never
+    pooling: str | None = None  # global pooling before the dense head
     patience: int = 15
     seed: int = 0
     padding: str = "valid"
-    precision: str = "float32"
+    precision: str | None = None  # auto: mixed_bfloat16 where the hardware runs bfloat16 natively
     strategy: str = "auto"  # see train.distribute
     task: str = "binary"  # see train.tasks
     # cross-validation (set by `train cv`, not a `fit` flag): train on every fold of the train and
@@ -56,8 +83,16 @@ class FitOptions:
         return {name: str(value) if isinstance(value, Path) else value for name, value in asdict(self).items()}
 
 
+def resolve_recipe(options: FitOptions) -> FitOptions:
+    """`options` with every training choice left None set from its recipe (precision may stay "auto")."""
+    if options.recipe not in RECIPES:
+        raise UserError(f"--recipe must be one of {', '.join(RECIPES)}, got {options.recipe!r}")
+    unset = {name: value for name, value in RECIPES[options.recipe].items() if getattr(options, name) is None}
+    return replace(options, **unset)
+
+
 def check_fit_options(options: FitOptions) -> None:
-    """Refuse options that cannot train, with one line naming the flag."""
+    """Refuse options that cannot train, with one line naming the flag (call on resolved options)."""
     for name, (low, high) in WHOLE_NUMBER_RANGES.items():
         value = getattr(options, name)
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
@@ -66,6 +101,15 @@ def check_fit_options(options: FitOptions) -> None:
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) \
             or not MIN_LEARNING_RATE <= rate <= MAX_LEARNING_RATE:
         raise UserError(f"--lr must be from {MIN_LEARNING_RATE} to {MAX_LEARNING_RATE}, got {rate!r}")
+    momentum = options.bn_momentum
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+        raise UserError(f"--bn-momentum must be at least 0 and below 1, got {momentum!r}")
+    if options.schedule not in SCHEDULES:
+        raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {options.schedule!r}")
+    if options.schedule == "tutorial" and options.warmup_epochs:
+        raise UserError("--warmup-epochs needs --schedule cosine (the tutorial's schedule has no warm-up)")
+    if options.pooling not in POOLINGS:
+        raise UserError(f"--pooling must be one of {', '.join(POOLINGS)}, got {options.pooling!r}")
     if options.padding not in PADDINGS:
         raise UserError(f"--padding must be one of {', '.join(PADDINGS)}, got {options.padding!r}")
     if options.precision not in PRECISIONS:
@@ -87,6 +131,8 @@ def check_fit_options(options: FitOptions) -> None:
 def changed_options(recorded: dict, options: FitOptions) -> list[str]:
     """The options (other than RESUMABLE_CHANGES) whose value differs from a run's config.json."""
     current = options.to_json()
+    if "recipe" not in recorded:  # a run from before recipes existed trained with the tutorial's
+        recorded = {**recorded, "recipe": "tutorial", **RECIPES["tutorial"]}
     return [
         f"--{name.replace('_', '-')} {recorded.get(name)!r} in the run, {current[name]!r} now"
         for name in current

@@ -42,6 +42,7 @@ CONFIG = "config.json"
 HISTORY = "history.csv"
 STATE = "state.json"
 CURVES = "training_curves.png"
+ROC_CURVE = "roc_{split}.png"  # fit: the test split (a cv fold: its validation fold); evaluate adds the cache's name
 METRICS = "metrics.json"
 TENSORBOARD = "tensorboard"
 LOCK = ".lock"

@@ -23,7 +23,7 @@ from train.run import CONFIG, METRICS, read_state
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("run", "date", "status", "cache", "task", "epochs", "batch", "lr", "padding", "seed", "strategy",
+COLUMNS = ("run", "date", "status", "cache", "task", "recipe", "epochs", "batch", "lr", "padding", "seed", "strategy",
            "val_auc", "test_auc", "test_acc", "kappa")
 DESCENDING_BY_DEFAULT = ("date", "val_auc", "test_auc", "test_acc", "kappa")  # best or newest first
 OPTIONAL_COLUMNS = ("strategy", "kappa")  # left out of the table when no run has a value
@@ -46,6 +46,7 @@ class RunSummary:
     cache_fingerprint: str | None = None
     reference_fingerprint: str | None = None  # the cache the listing compares against
     task: str | None = None
+    recipe: str | None = None  # "tutorial" for runs made before recipes existed
     completed_epochs: int | None = None
     max_epochs: int | None = None
     batch_size: int | None = None
@@ -150,6 +151,7 @@ def _config_values(config: dict) -> dict:
         "cache_path": _text(cache.get("path")),
         "cache_fingerprint": _text(cache.get("fingerprint")),
         "task": _text(options.get("task", "binary")),
+        "recipe": _text(options.get("recipe", "tutorial")),
         "max_epochs": _whole(options.get("epochs")),
         "batch_size": _whole(options.get("batch_size")),
         "learning_rate": _real(options.get("learning_rate")),
@@ -197,6 +199,7 @@ _SORT_KEYS = {
     "status": lambda run: run.status,
     "cache": lambda run: run.cache_fingerprint,
     "task": lambda run: run.task,
+    "recipe": lambda run: run.recipe,
     "epochs": lambda run: run.completed_epochs,
     "batch": lambda run: run.batch_size,
     "lr": lambda run: run.learning_rate,
@@ -256,6 +259,7 @@ def _row_cells(run: RunSummary) -> dict[str, str]:
         "cache": (run.cache_fingerprint[:SHORT_FINGERPRINT] + (MARKER if run.other_cache else ""))
         if run.cache_fingerprint else "-",
         "task": plain(run.task),
+        "recipe": plain(run.recipe),
         "epochs": "-" if epochs == "-/-" else epochs,
         "batch": plain(run.batch_size),
         "lr": "-" if run.learning_rate is None else format_learning_rate(run.learning_rate),

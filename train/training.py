@@ -14,13 +14,14 @@ import tensorflow as tf
 from preprocess.cache import CacheReader
 from preprocess.errors import UserError
 from train.data import (
-    Shard, make_training_dataset, make_validation_dataset, reporting_read_failures, sample_weights_of,
-    steps_per_epoch,
+    Shard, make_evaluation_dataset, make_training_dataset, make_validation_dataset, reporting_read_failures,
+    sample_weights_of, steps_per_epoch,
 )
 from train.events import ScalarEventLogger
 from train.metrics import Specificity
 from train.model import build_model
 from train.options import FitOptions
+from train.precise_bn import PreciseBatchNorm, precise_bn_rows
 from train.recorder import RunRecorder, set_random_generator_states
 from train.run import TENSORBOARD, TrainingState
 from train.splits import rows_and_classes
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 # the tutorial's schedule; --lr replaces only the initial rate
 DECAY_STEPS = 100_000
 DECAY_RATE = 0.96
+# where --schedule cosine ends, as a share of the peak rate
+COSINE_FINAL_FRACTION = 0.0
 
 
 def configure_determinism(seed: int) -> None:
@@ -52,23 +55,39 @@ def check_precision_supported(precision: str) -> None:
                         "use mixed_bfloat16 on CPUs")
 
 
-def make_optimizer(learning_rate: float, precision: str) -> keras.optimizers.Optimizer:
-    """Adam with the tutorial's staircase exponential decay (x0.96 every 100,000 steps)."""
-    schedule = keras.optimizers.schedules.ExponentialDecay(
-        learning_rate, decay_steps=DECAY_STEPS, decay_rate=DECAY_RATE, staircase=True
+def make_schedule(options: FitOptions, steps_per_epoch: int) -> keras.optimizers.schedules.LearningRateSchedule:
+    """The learning rate per step: the tutorial's staircase decay (x0.96 every 100,000 steps, which a run
+    of a few thousand steps never reaches), or a linear warm-up then a cosine decay over --epochs.
+
+    A resumed run plans it again over its --epochs (see `run_training`).
+    """
+    if options.schedule == "tutorial":
+        return keras.optimizers.schedules.ExponentialDecay(
+            options.learning_rate, decay_steps=DECAY_STEPS, decay_rate=DECAY_RATE, staircase=True
+        )
+    total_steps = options.epochs * steps_per_epoch
+    warmup_steps = min(options.warmup_epochs, options.epochs - 1) * steps_per_epoch
+    return keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup_steps else options.learning_rate, decay_steps=total_steps - warmup_steps,
+        alpha=COSINE_FINAL_FRACTION, warmup_target=options.learning_rate if warmup_steps else None,
+        warmup_steps=warmup_steps,
     )
-    optimizer = keras.optimizers.Adam(learning_rate=schedule)
-    if precision == "mixed_float16":
+
+
+def make_optimizer(options: FitOptions, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """Adam on `make_schedule`'s rates, with loss scaling for float16."""
+    optimizer = keras.optimizers.Adam(learning_rate=make_schedule(options, steps_per_epoch))
+    if options.precision == "mixed_float16":
         # float16 gradients underflow without loss scaling; bfloat16 has float32's range
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 
 
-def make_compiled_model(input_shape, options: FitOptions, task: Task) -> keras.Model:
+def make_compiled_model(input_shape, options: FitOptions, task: Task, steps_per_epoch: int) -> keras.Model:
     model = build_model(tuple(input_shape), padding=options.padding, precision=options.precision,
-                        classes=task.output_units)
+                        classes=task.output_units, bn_momentum=options.bn_momentum, pooling=options.pooling)
     model.compile(
-        optimizer=make_optimizer(options.learning_rate, options.precision),
+        optimizer=make_optimizer(options, steps_per_epoch),
         loss=make_loss(task),
         metrics=make_training_metrics(task),
     )
@@ -129,6 +148,17 @@ def multi_worker_step_logs(strategy) -> Iterator[None]:
         trainer._collective_all_reduce_multi_worker = original
 
 
+def make_precise_bn_batches(reader: CacheReader, train_rows: np.ndarray, options: FitOptions) -> tf.data.Dataset:
+    """The volume batches PreciseBN reads: `precise_bn_rows`, unrotated, in the per-replica batch size.
+
+    Every worker of a distributed run reads all of them and so computes the same statistics.
+    """
+    rows = precise_bn_rows(train_rows, options.precise_bn_scans, options.batch_size, options.seed)
+    batch_size = min(options.batch_size, len(rows))
+    return make_evaluation_dataset(reader, rows, np.zeros(len(rows), np.float32), batch_size).map(
+        lambda volume, label: volume)
+
+
 def run_training(reader: CacheReader, run_dir: Path, options: FitOptions, state: TrainingState,
                  history: list[dict], strategy, is_chief: bool = True) -> TrainingState:
     """Train from state.completed_epochs to options.epochs (or an early stop); returns the final state.
@@ -146,13 +176,18 @@ def run_training(reader: CacheReader, run_dir: Path, options: FitOptions, state:
     per_replica = options.batch_size
     global_batch_size = per_replica * strategy.num_replicas_in_sync
     first_epoch = state.completed_epochs
+    steps = steps_per_epoch(len(train_rows), global_batch_size)
     with strategy.scope():
         if first_epoch > 0:
             model = load_training_state_model(options.run_dir / state.last_model, reader.shape,
                                               state.random_generator_states)
+            # the schedule is planned over this invocation's --epochs: the same plan as before when
+            # --epochs is unchanged (an exact resume), re-planned from the step reached when it changed
+            optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # under loss scaling
+            optimizer.learning_rate = make_schedule(options, steps)
             log.info("resuming %s after epoch %d of %d", options.run_dir, first_epoch, options.epochs)
         else:
-            model = make_compiled_model(reader.shape, options, task)
+            model = make_compiled_model(reader.shape, options, task, steps)
     build_before_fit(model, strategy, reader.shape, task)
 
     def training_pipeline(context):  # called once per worker, with that worker's part of each batch
@@ -168,6 +203,9 @@ def run_training(reader: CacheReader, run_dir: Path, options: FitOptions, state:
     validation_data = strategy.distribute_datasets_from_function(validation_pipeline)
     recorder = RunRecorder(run_dir, state, history, options.patience)
     callbacks = [recorder, ScalarEventLogger(run_dir / TENSORBOARD)] if is_chief else [recorder]
+    if options.precise_bn_scans:
+        # first: the statistics are re-estimated before any other callback sees the validation
+        callbacks.insert(0, PreciseBatchNorm(make_precise_bn_batches(reader, train_rows, options)))
     counts = ", ".join(f"{int(np.sum(train_classes == index))} {name}" for index, name in enumerate(task.class_names))
     log.info("training on %d scans (%s), validating on %d; class weights %s; %d replica(s) x %d = global batch %d",
              len(train_rows), counts, len(val_rows),
@@ -179,7 +217,7 @@ def run_training(reader: CacheReader, run_dir: Path, options: FitOptions, state:
             training_data,
             epochs=options.epochs,
             initial_epoch=first_epoch,
-            steps_per_epoch=steps_per_epoch(len(train_rows), global_batch_size),
+            steps_per_epoch=steps,
             validation_data=validation_data,
             callbacks=callbacks,
             verbose=0 if options.quiet else 2,

@@ -1,0 +1,185 @@
+"""Training recipes side by side: the tutorial's, each change on its own, and the default, over seeds.
+
+Two synthetic sets the demo and the tests never use (their own phantom seeds), 64 x 64 x 32:
+  standard  `synth` phantoms, normal against ungraded lesions (30 epochs)
+  subtle    normal against CT-1 only: lesions covering under 25% of the lung, drawn uniformly
+            in (0, 25%], as MosMedData's CT-1 (30 epochs)
+Every run is a real `python -m train fit` process with --patience equal to --epochs (no early
+stop, so every run has the same number of validation epochs). For each arm and set it prints:
+  - degenerate validation epochs: every validation scan called one class (val sensitivity or
+    val specificity 0), counted over the first 20 epochs, mean and worst seed;
+  - epochs and wall-clock seconds until validation AUC first reaches 0.95 (median over seeds;
+    seconds are history.csv's epoch_seconds, which include re-estimation and validation; a run
+    that never gets there counts as infinite);
+  - test AUC of the best-validation model, mean ± sd and the worst seed;
+  - the spread (sd) of validation AUC over the last 5 epochs, mean over seeds.
+Runs are kept in --out, and a run already finished there is read, not repeated: an interrupted
+benchmark continues where it stopped, and more seeds or arms can be added later.
+
+    python benchmarks/bench_recipe.py [--seeds 5] [--arms tutorial precise ...] [--sets standard subtle]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (64, 64, 32)
+SETS = {  # name: (synth flags, epochs)
+    "standard": (["--seed", "101"], 30),
+    "subtle": (["--grades", "1", "--seed", "102"], 30),
+}
+ARMS = {  # name: fit flags; each change of the default recipe on its own, on top of the tutorial's
+    "tutorial": ["--recipe", "tutorial"],
+    "precise-bn": ["--recipe", "tutorial", "--precise-bn-scans", "32"],
+    "momentum-0.9": ["--recipe", "tutorial", "--bn-momentum", "0.9"],
+    "cosine-1e-3": ["--recipe", "tutorial", "--schedule", "cosine", "--warmup-epochs", "1", "--lr", "1e-3"],
+    "bf16": ["--recipe", "tutorial", "--precision", "mixed_bfloat16"],
+    "precise-fp32": ["--precision", "float32"],  # the default but float32: does bfloat16 cost AUC?
+    "precise": [],  # the default recipe
+}
+DEGENERATE_WINDOW = 20
+TARGET_AUC = 0.95
+LAST_EPOCHS = 5
+
+
+def python(*arguments: str, log: Path | None = None) -> None:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    with open(log or os.devnull, "w") as output:
+        subprocess.run([sys.executable, "-m", *arguments], cwd=ROOT, env=environment, check=True,
+                       stdout=output, stderr=subprocess.STDOUT)
+
+
+def make_cache(out: Path, name: str, scans: int) -> Path:
+    cache = out / f"{name}.h5"
+    if not cache.is_file():
+        raw = out / f"{name}-raw"
+        python("preprocess", "synth", "--out", str(raw), "--normal", str(scans // 2), "--abnormal",
+               str(scans - scans // 2), "--size", "128", "--quiet", *SETS[name][0])
+        python("preprocess", "build", "--raw", str(raw), "--out", str(cache), "--shape", *map(str, SHAPE), "--quiet")
+    return cache
+
+
+def train(cache: Path, run_dir: Path, epochs: int, seed: int, flags: list[str]) -> None:
+    if (run_dir / "metrics.json").is_file():
+        return  # finished in an earlier invocation
+    if run_dir.exists():
+        python("train", "fit", str(cache), "--run-dir", str(run_dir), "--resume", "--epochs", str(epochs),
+               "--patience", str(epochs), "--seed", str(seed), "--padding", "same", "--quiet", *flags,
+               log=run_dir.with_suffix(".log"))
+        return
+    python("train", "fit", str(cache), "--run-dir", str(run_dir), "--epochs", str(epochs), "--patience", str(epochs),
+           "--seed", str(seed), "--padding", "same", "--quiet", *flags, log=run_dir.with_suffix(".log"))
+
+
+def score_run(run_dir: Path) -> dict:
+    history = list(csv.DictReader(open(run_dir / "history.csv")))
+    rows = [{name: float(value) for name, value in row.items()} for row in history]
+    degenerate = sum(1 for row in rows[:DEGENERATE_WINDOW]
+                     if row["val_sensitivity"] == 0.0 or row["val_specificity"] == 0.0)
+    seconds, epochs_to_target, seconds_to_target = 0.0, math.inf, math.inf
+    for row in rows:
+        seconds += row["epoch_seconds"]
+        if row["val_auc"] >= TARGET_AUC and math.isinf(epochs_to_target):
+            epochs_to_target, seconds_to_target = row["epoch"], seconds
+    last = [row["val_auc"] for row in rows[-LAST_EPOCHS:]]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {"degenerate_epochs": degenerate, "epochs_to_target": epochs_to_target,
+            "seconds_to_target": seconds_to_target, "seconds_total": seconds, "test_auc": metrics["auc"],
+            "last_val_auc_sd": statistics.pstdev(last), "seconds_per_epoch": seconds / len(rows) if rows else math.nan,
+            "epochs": len(rows)}
+
+
+def at_least_seconds_to_target(score: dict) -> float:
+    """Seconds to the target, or, for a run that never reached it, the whole run: a lower bound."""
+    return score["seconds_to_target"] if math.isfinite(score["seconds_to_target"]) else score["seconds_total"]
+
+
+def summarize(scores: list[dict], baseline: list[dict]) -> dict:
+    """One arm's numbers; the speedup is the baseline's median seconds to the target over this arm's. Where
+    the baseline's median run never got there, its whole duration stands in and the speedup is a lower bound."""
+    aucs = [score["test_auc"] for score in scores]
+    seconds = statistics.median(score["seconds_to_target"] for score in scores)
+    baseline_seconds = statistics.median(score["seconds_to_target"] for score in baseline) if baseline else math.nan
+    lower_bound = math.isinf(baseline_seconds)
+    if lower_bound:
+        baseline_seconds = statistics.median(at_least_seconds_to_target(score) for score in baseline)
+    return {
+        "seeds": len(scores),
+        "degenerate_mean": statistics.mean(score["degenerate_epochs"] for score in scores),
+        "degenerate_worst": max(score["degenerate_epochs"] for score in scores),
+        "epochs_to_target_median": statistics.median(score["epochs_to_target"] for score in scores),
+        "seconds_to_target_median": seconds,
+        "speedup": baseline_seconds / seconds if math.isfinite(seconds) and seconds else math.nan,
+        "speedup_is_lower_bound": lower_bound,
+        "test_auc_mean": statistics.mean(aucs),
+        "test_auc_sd": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
+        "test_auc_worst": min(aucs),
+        "last_val_auc_sd_mean": statistics.mean(score["last_val_auc_sd"] for score in scores),
+        "seconds_per_epoch": statistics.mean(score["seconds_per_epoch"] for score in scores),
+    }
+
+
+def format_table(name: str, epochs: int, summaries: dict[str, dict]) -> str:
+    lines = [f"\n{name} set, {epochs} epochs",
+             "| arm | seeds | degenerate val epochs (of first 20): mean, worst | epochs to val AUC 0.95 (median) "
+             "| seconds to 0.95 (median) | vs tutorial | test AUC mean ± sd (worst) | val AUC sd, last 5 epochs "
+             "| s/epoch |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for arm, summary in summaries.items():
+        speedup = "" if arm == "tutorial" or math.isnan(summary["speedup"]) \
+            else f"{'≥ ' if summary['speedup_is_lower_bound'] else ''}{summary['speedup']:.1f}x"
+        epochs_to = summary["epochs_to_target_median"]
+        seconds_to = summary["seconds_to_target_median"]
+        lines.append(
+            f"| {arm} | {summary['seeds']} | {summary['degenerate_mean']:.1f}, {summary['degenerate_worst']} "
+            f"| {'never' if math.isinf(epochs_to) else f'{epochs_to:g}'} "
+            f"| {'never' if math.isinf(seconds_to) else f'{seconds_to:.0f}'} "
+            f"| {speedup} "
+            f"| {summary['test_auc_mean']:.3f} ± {summary['test_auc_sd']:.3f} ({summary['test_auc_worst']:.3f}) "
+            f"| {summary['last_val_auc_sd_mean']:.3f} | {summary['seconds_per_epoch']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per arm (0 .. N-1)")
+    parser.add_argument("--arms", nargs="+", choices=tuple(ARMS), default=list(ARMS))
+    parser.add_argument("--sets", nargs="+", choices=tuple(SETS), default=list(SETS))
+    parser.add_argument("--scans", type=int, default=120, help="phantoms per set (half normal)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_recipe", help="caches and runs (kept)")
+    parser.add_argument("--report-only", action="store_true", help="tabulate the finished runs in --out; train none")
+    arguments = parser.parse_args()
+    arguments.out.mkdir(parents=True, exist_ok=True)
+    caches = {name: make_cache(arguments.out, name, arguments.scans) for name in arguments.sets}
+    started = time.perf_counter()
+    if not arguments.report_only:
+        for seed in range(arguments.seeds):  # seed by seed, so that an interrupted run has balanced arms
+            for name in arguments.sets:
+                for arm in arguments.arms:
+                    run_dir = arguments.out / name / f"{arm}-seed{seed}"
+                    run_dir.parent.mkdir(exist_ok=True)
+                    train(caches[name], run_dir, SETS[name][1], seed, ARMS[arm])
+                    print(f"[{time.perf_counter() - started:6.0f} s] {name} {arm} seed {seed}: "
+                          f"{json.dumps(score_run(run_dir))}", flush=True)
+    report = {}
+    for name in arguments.sets:
+        scores = {arm: [score_run(run_dir) for seed in range(arguments.seeds)
+                        if ((run_dir := arguments.out / name / f"{arm}-seed{seed}") / "metrics.json").is_file()]
+                  for arm in arguments.arms}
+        scores = {arm: values for arm, values in scores.items() if values}
+        report[name] = {arm: summarize(values, scores.get("tutorial", [])) for arm, values in scores.items()}
+        print(format_table(name, SETS[name][1], report[name]))
+    (arguments.out / "summary.json").write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
