@@ -69,15 +69,12 @@ def make_cache(out: Path, name: str, scans: int) -> Path:
 
 
 def train(cache: Path, run_dir: Path, epochs: int, seed: int, flags: list[str]) -> None:
+    """One `fit` to the end; a run left unfinished by an interrupted benchmark is resumed."""
     if (run_dir / "metrics.json").is_file():
         return  # finished in an earlier invocation
-    if run_dir.exists():
-        python("train", "fit", str(cache), "--run-dir", str(run_dir), "--resume", "--epochs", str(epochs),
-               "--patience", str(epochs), "--seed", str(seed), "--padding", "same", "--quiet", *flags,
-               log=run_dir.with_suffix(".log"))
-        return
-    python("train", "fit", str(cache), "--run-dir", str(run_dir), "--epochs", str(epochs), "--patience", str(epochs),
-           "--seed", str(seed), "--padding", "same", "--quiet", *flags, log=run_dir.with_suffix(".log"))
+    resume = ["--resume"] if run_dir.exists() else []
+    python("train", "fit", str(cache), "--run-dir", str(run_dir), *resume, "--epochs", str(epochs), "--patience",
+           str(epochs), "--seed", str(seed), "--padding", "same", "--quiet", *flags, log=run_dir.with_suffix(".log"))
 
 
 def score_run(run_dir: Path) -> dict:

@@ -148,9 +148,10 @@ def compute_roc_curve(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np
     positives, negatives = int((labels == 1).sum()), int((labels == 0).sum())
     if positives == 0 or negatives == 0:
         return np.array([0.0, 1.0]), np.array([0.0, 1.0])  # undefined with one class: the chance diagonal
-    thresholds = np.unique(probabilities)[::-1]
-    true_positive_rate = [0.0] + [float(((probabilities >= value) & (labels == 1)).sum()) / positives
-                                  for value in thresholds]
-    false_positive_rate = [0.0] + [float(((probabilities >= value) & (labels == 0)).sum()) / negatives
-                                   for value in thresholds]
-    return np.array(false_positive_rate), np.array(true_positive_rate)
+    order = np.argsort(-probabilities, kind="stable")
+    scores, positive = probabilities[order], labels[order] == 1
+    # the last position of each distinct score: every scan at or above it is called abnormal there
+    ends = np.flatnonzero(np.r_[scores[1:] != scores[:-1], True])
+    true_positive_rate = np.r_[0.0, np.cumsum(positive)[ends] / positives]
+    false_positive_rate = np.r_[0.0, np.cumsum(~positive)[ends] / negatives]
+    return false_positive_rate, true_positive_rate

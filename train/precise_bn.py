@@ -18,13 +18,9 @@ distributed run, compute the same statistics.
 """
 from __future__ import annotations
 
-import logging
-
 import keras
 import numpy as np
 import tensorflow as tf
-
-log = logging.getLogger(__name__)
 
 
 def batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
