@@ -4,11 +4,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from preprocess.arguments import (
+from common.cli import (
     ArgumentParser, HelpFormatter, configure_logging, finite_float, fraction, non_negative_int, positive_float, positive_int,
     run_command,
 )
-from preprocess.build import BACKENDS, BuildOptions
+from preprocess.options import BACKENDS, BuildOptions
 
 PROG = "python -m preprocess"
 DEFAULTS = BuildOptions()

@@ -33,9 +33,9 @@ from distributed.comm import connect, get_address_host_port
 from joblib import Parallel, delayed
 from joblib._dask import DaskDistributedBackend  # the class behind joblib's "dask" backend name
 
-from preprocess.build import process_source
-from preprocess.cache import Preprocessing
-from preprocess.errors import UserError
+from preprocess.scans import process_source
+from preprocess.preprocessing import Preprocessing
+from common.errors import UserError
 from preprocess.sources import Source
 
 log = logging.getLogger(__name__)

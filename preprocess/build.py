@@ -10,73 +10,26 @@ incremental builds.
 """
 from __future__ import annotations
 
-import ctypes
-import importlib.util
 import logging
 import os
-import signal
-import threading
-import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from joblib import Parallel, delayed, parallel_config
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from common.errors import UserError
 from preprocess import __version__
-from preprocess.cache import (
-    CacheError, CacheReader, CacheWriter, Failure, Preprocessing, ScanRecord, SplitOptions,
-    stale_temp_files,
-)
-from preprocess.errors import UserError
+from preprocess.cache import CacheError, CacheReader, CacheWriter, Failure, ScanRecord, stale_temp_files
+from preprocess.options import BuildOptions, check_options
+from preprocess.parallel import preprocessed_in_parallel
+from preprocess.scans import TIMEOUT_REASON
 from preprocess.sources import Source, find_sources
 from preprocess.splits import make_splits
-from preprocess.volume import CANONICAL_ORIENTATION, RESAMPLE_METHOD, ScanError, preprocess_scan
-from preprocess.workers import VolumeHandoff, remove_orphaned_handoffs, start_worker
+from preprocess.workers import remove_orphaned_handoffs
 
 log = logging.getLogger(__name__)
-
-MAX_SHAPE = 1024
-MAX_JOBS = 256
-MAX_SCAN_TIMEOUT_SECONDS = 86_400
-TIMEOUT_REASON = "took longer than"  # timed-out scans are retried by the next build, not remembered
-# where the per-scan work runs: local processes, local threads, or a Dask cluster
-BACKENDS = ("loky", "threads", "dask")
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    raw: Path = Path("data/MosMedData")
-    out: Path = Path("data/mosmed.h5")
-    jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
-    shape: tuple[int, int, int] = (128, 128, 64)
-    hu_window: tuple[float, float] = (-1000.0, 400.0)
-    seed: int = 0
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    scan_timeout_seconds: float = 600.0
-    backend: str = "loky"
-    scheduler: str | None = None  # address of a Dask scheduler, for backend "dask"
-    force: bool = False
-    strict: bool = False
-    quiet: bool = False
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return Preprocessing(
-            shape=tuple(int(n) for n in self.shape),
-            hu_min=float(self.hu_window[0]),
-            hu_max=float(self.hu_window[1]),
-            resample_method=RESAMPLE_METHOD,
-            orientation="".join(CANONICAL_ORIENTATION),
-        )
-
-    @property
-    def split_options(self) -> SplitOptions:
-        return SplitOptions(int(self.seed), float(self.val_fraction), float(self.test_fraction))
 
 
 @dataclass(frozen=True)
@@ -87,209 +40,6 @@ class BuildReport:
     reprocessed: int
     reused: int
     failures: list[Failure]
-
-
-def check_options(options: BuildOptions) -> None:
-    """Refuse options that cannot make a cache, with one line naming the problem."""
-    if len(options.shape) != 3 or any(not 1 <= int(n) <= MAX_SHAPE for n in options.shape):
-        raise UserError(f"--shape needs three sizes from 1 to {MAX_SHAPE}, got {' '.join(map(str, options.shape))}")
-    if options.jobs < 1:
-        raise UserError(f"--jobs must be at least 1, got {options.jobs}")
-    for name in ("val_fraction", "test_fraction"):
-        value = getattr(options, name)
-        if not 0 <= value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
-    if options.val_fraction + options.test_fraction >= 1:
-        raise UserError("--val-fraction plus --test-fraction must leave rows for training (sum < 1)")
-    low, high = options.hu_window
-    if not (np.isfinite(low) and np.isfinite(high) and low < high):
-        raise UserError(f"--hu-window needs LOW < HIGH, got {low} {high}")
-    if not 0 < options.scan_timeout_seconds <= MAX_SCAN_TIMEOUT_SECONDS:
-        raise UserError(f"--scan-timeout must be between 0 and {MAX_SCAN_TIMEOUT_SECONDS} seconds, "
-                        f"got {options.scan_timeout_seconds:g}")
-    if options.backend not in BACKENDS:
-        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {options.backend}")
-    if options.backend == "dask" and not options.scheduler:
-        raise UserError("--backend dask needs --scheduler ADDRESS, the Dask scheduler's address (tcp://HOST:8786)")
-    if options.scheduler and options.backend != "dask":
-        raise UserError(f"--scheduler is for --backend dask; this build uses --backend {options.backend}")
-    if options.backend == "dask" and importlib.util.find_spec("distributed") is None:
-        raise UserError('--backend dask needs dask and distributed: pip install -e ".[dask]"')
-    if options.jobs > MAX_JOBS:
-        raise UserError(f"--jobs {options.jobs} is more worker processes than this tool starts (at most {MAX_JOBS})")
-    if options.seed < 0:
-        raise UserError(f"--seed must be non-negative, got {options.seed}")
-    out = Path(options.out)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; give a file path such as {out / 'mosmed.h5'}")
-    if not out.parent.is_dir():
-        raise UserError(f"--out folder {out.parent} does not exist or is not a folder")
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"--out folder {out.parent} is not writable")
-
-
-@dataclass
-class _Outcome:
-    """What a worker sends back for one scan: a volume and its record, or a reason."""
-
-    volume: np.ndarray | None = None
-    record: ScanRecord | None = None
-    reason: str | None = None
-    cannot_open: str | None = None  # the worker could not open the file at all (missing, no permission)
-
-
-class ScanTimeout(Exception):
-    pass
-
-
-def time_limit(seconds: float):
-    """A context manager that raises ScanTimeout in this thread after `seconds` of wall time.
-
-    The alarm interrupts Python code, not a C call in progress; the header checks in
-    `preprocess.volume` keep every C call (inflate, copy, average) bounded in size.
-    """
-    if threading.current_thread() is threading.main_thread():
-        return _alarm(seconds)
-    return _ThreadTimeLimit(seconds)
-
-
-@contextmanager
-def _alarm(seconds: float):
-    def on_alarm(signal_number, frame):
-        raise ScanTimeout()
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-class _ThreadTimeLimit:
-    """`time_limit` in a thread other than the main one, which SIGALRM cannot reach.
-
-    Dask workers run tasks in a thread pool. A timer thread raises ScanTimeout in this one
-    instead (PyThreadState_SetAsyncExc), which, like the signal handler, takes effect between
-    two bytecodes of Python code and never inside a C call.
-    """
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-
-    def __enter__(self):
-        self.thread_id = ctypes.c_ulong(threading.get_ident())
-        self.lock = threading.Lock()
-        self.inside, self.raised = True, False
-        self.timer = threading.Timer(self.seconds, self._expire)
-        self.timer.daemon = True
-        self.timer.start()
-        return self
-
-    def _expire(self):
-        with self.lock:
-            if self.inside:
-                self.raised = True
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(self.thread_id, ctypes.py_object(ScanTimeout))
-
-    def __exit__(self, exc_type, exc, traceback):
-        with self.lock:
-            self.inside = False
-        self.timer.cancel()
-        if self.raised:  # the block ended before the exception arrived: withdraw it, it must not escape
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(self.thread_id, None)
-        return False
-
-
-def process_source(source: Source, preprocessing: Preprocessing, timeout_seconds: float) -> _Outcome:
-    """Preprocess one scan in a worker; any failure becomes a reason, never an exception."""
-    try:
-        with time_limit(timeout_seconds):
-            volume, info = preprocess_scan(
-                source.path, preprocessing.shape, preprocessing.hu_min, preprocessing.hu_max
-            )
-    except ScanTimeout:
-        return _Outcome(reason=f"{TIMEOUT_REASON} {timeout_seconds:g} s (--scan-timeout)")
-    except ScanError as error:
-        return _Outcome(reason=str(error))
-    except MemoryError:
-        return _Outcome(reason="too large to load into memory")
-    except (FileNotFoundError, PermissionError) as error:  # gone since listed, or not on this worker's storage
-        cannot_open = f"{type(error).__name__}: {error}"
-        return _Outcome(reason=f"unreadable ({cannot_open})", cannot_open=cannot_open)
-    except Exception as error:  # a corrupt file can break nibabel or numpy in many ways
-        return _Outcome(reason=f"unreadable ({type(error).__name__}: {error})")
-    record = ScanRecord(
-        scan_id=source.scan_id, label=source.label, class_name=source.class_name,
-        source_path=source.relative_path, source_sha256=info.sha256, source_size=source.size,
-        source_mtime_ns=source.mtime_ns, source_shape=info.source_shape,
-        source_spacing_mm=info.spacing_mm,
-    )
-    return _Outcome(volume=volume, record=record)
-
-
-@contextmanager
-def preprocessed_in_parallel(sources: list[Source], preprocessing: Preprocessing, jobs: int,
-                             timeout_seconds: float, backend: str = "loky", scheduler: str | None = None):
-    """Outcomes of `process_source` in the order of `sources`, from `jobs` worker processes.
-
-    At most 2 x jobs scans are in flight or waiting, so memory stays bounded. Leaving the block
-    early (an error, --strict, Ctrl-C) cancels the remaining work. With backend "dask" the
-    workers are the Dask cluster's at `scheduler`, and its worker threads replace `jobs`.
-    """
-    if backend == "dask":
-        from preprocess.backends import preprocessed_on_dask  # imports dask, so only for this backend
-
-        with preprocessed_on_dask(sources, preprocessing, timeout_seconds, scheduler) as outcomes:
-            yield outcomes
-        return
-    n_jobs = max(1, min(jobs, len(sources)))
-    if backend == "threads" or n_jobs == 1:  # the work runs in this process: nothing to hand over
-        outcomes = Parallel(n_jobs=n_jobs, backend="threading", return_as="generator", batch_size=1,
-                            pre_dispatch="2*n_jobs")(
-            delayed(process_source)(source, preprocessing, timeout_seconds) for source in sources
-        )
-        with _cancelled_on_exit(outcomes):
-            yield outcomes
-        return
-    handoff = VolumeHandoff.open()
-    try:
-        # the initializer runs in each loky worker as it starts: see preprocess.workers
-        with parallel_config(backend="loky", initializer=start_worker, initargs=(os.getpid(),)):
-            handed = Parallel(n_jobs=n_jobs, return_as="generator", batch_size=1, pre_dispatch="2*n_jobs")(
-                delayed(process_source_for_handoff)(source, preprocessing, timeout_seconds, handoff)
-                for source in sources
-            )
-        with _cancelled_on_exit(handed):
-            yield (_received(outcome, handoff, preprocessing.shape) for outcome in handed)
-    finally:
-        handoff.close()
-
-
-def process_source_for_handoff(source: Source, preprocessing: Preprocessing, timeout_seconds: float,
-                               handoff: VolumeHandoff) -> _Outcome:
-    """`process_source` in a worker process, with the volume left in `handoff` for the parent."""
-    outcome = process_source(source, preprocessing, timeout_seconds)
-    if outcome.volume is not None:
-        outcome.volume = handoff.put(outcome.volume)
-    return outcome
-
-
-def _received(outcome: _Outcome, handoff: VolumeHandoff, shape: tuple[int, int, int]) -> _Outcome:
-    if outcome.volume is not None:
-        outcome.volume = handoff.take(outcome.volume, shape)
-    return outcome
-
-
-@contextmanager
-def _cancelled_on_exit(outcomes):
-    try:
-        yield
-    finally:
-        with warnings.catch_warnings():  # leaving early is deliberate: no "tasks cancelled" warning
-            warnings.filterwarnings("ignore", message=".*have been cancelled", category=UserWarning)
-            outcomes.close()
 
 
 def open_previous(options: BuildOptions) -> CacheReader | None:

@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from preprocess.errors import UserError
+from common.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from preprocess.errors import UserError
+from common.errors import UserError
 
 CLASS_FOLDER = re.compile(r"^CT-(\d+)$")
 SCAN_SUFFIXES = (".nii.gz", ".nii")

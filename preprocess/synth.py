@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from preprocess.errors import UserError
+from common.errors import UserError
 from preprocess.lesions import GRADE_INVOLVEMENT_RANGES, HU_LUNG, add_graded_lesions, add_lesions
 from preprocess.sources import find_sources
 

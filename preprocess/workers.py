@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.processes import process_alive
+
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
@@ -61,23 +63,13 @@ def keep_freed_memory(libc) -> None:
         libc.mallopt(M_TRIM_THRESHOLD, WORKER_TRIM_THRESHOLD_BYTES)
 
 
-def _is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
 def remove_orphaned_handoffs(folder: Path = SHARED_MEMORY_FOLDER) -> None:
     """Delete the handoff folders of builds that were killed (their pid no longer runs)."""
     if not folder.is_dir():
         return
     for candidate in folder.glob(f"{HANDOFF_PREFIX}*"):
         pid_text = candidate.name[len(HANDOFF_PREFIX):].split("-", 1)[0]
-        if pid_text.isdigit() and not _is_alive(int(pid_text)):
+        if pid_text.isdigit() and not process_alive(int(pid_text)):
             log.info("removing %s left by a killed build", candidate)
             shutil.rmtree(candidate, ignore_errors=True)
 

@@ -17,7 +17,7 @@ from conftest import ROOT, TINY_SHAPE, run_python_module, write_nifti
 from preprocess.__main__ import main
 from preprocess.build import BuildOptions, build_cache
 from preprocess.cache import SCHEMA_VERSION, CacheReader
-from preprocess.errors import UserError
+from common.errors import UserError
 from preprocess.workers import HANDOFF_PREFIX, SHARED_MEMORY_FOLDER, VolumeHandoff, remove_orphaned_handoffs
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from preprocess import download
 from preprocess.download import download_archives, fetch_with_resume
-from preprocess.errors import UserError
+from common.errors import UserError
 
 
 @dataclass

@@ -158,7 +158,7 @@ def test_full_disk_fails_with_one_line_and_keeps_the_cache(raw_copy, tiny_filesy
     assert len(lines) == 1 and "not enough disk space" in lines[0], lines
     assert out.read_bytes() == before and [path.name for path in tiny_filesystem.iterdir()] == ["cache.h5"]
     # without the up-front check (space can also run out while a build runs), the real ENOSPC
-    monkeypatch.setattr("preprocess.cache.check_free_space", lambda folder, needed_bytes: None)
+    monkeypatch.setattr("preprocess.cache.writer.check_free_space", lambda folder, needed_bytes: None)
     with pytest.raises(CacheError, match="No space left on device; the previous cache is untouched"):
         build_cache(BuildOptions(raw=raw_copy, out=out, jobs=1, shape=(64, 64, 32), force=True, quiet=True))
     assert out.read_bytes() == before and [path.name for path in tiny_filesystem.iterdir()] == ["cache.h5"]

@@ -28,16 +28,16 @@ keras = pytest.importorskip("keras")
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside Keras model.save
 
 from conftest import ROOT, TINY_SHAPE  # noqa: E402
-from preprocess.arguments import EXIT_INTERRUPTED  # noqa: E402
+from common.cli import EXIT_INTERRUPTED  # noqa: E402
 from preprocess.cache import CacheReader  # noqa: E402
-from preprocess.errors import UserError  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from train.__main__ import main  # noqa: E402
-from train.files import read_json  # noqa: E402
+from common.files import read_json  # noqa: E402
 from train.fit import fit_model  # noqa: E402
-from train.model import load_trained_model  # noqa: E402
+from train.rundir.models import load_trained_model  # noqa: E402
 from train.options import FitOptions  # noqa: E402
 from train.predict import run_preprocessing  # noqa: E402
-from train.run import (  # noqa: E402
+from train.rundir.layout import (  # noqa: E402
     best_model_path, create_new_run_dir, locked_run_dir, open_run, read_history, read_state,
 )
 
@@ -351,7 +351,7 @@ def test_default_run_directories_never_collide(tmp_path):
 LOCK_HOLDER = """
 import sys
 from pathlib import Path
-from train.run import locked_run_dir
+from train.rundir.layout import locked_run_dir
 with locked_run_dir(Path(sys.argv[1])):
     print("locked", flush=True)
     sys.stdin.read()

@@ -9,7 +9,7 @@ from scipy import ndimage
 
 tf = pytest.importorskip("tensorflow")
 
-from train.augment import ROTATION_ANGLES_DEGREES, draw_rotation_angles, rotate_volume  # noqa: E402
+from train.pipeline.augment import ROTATION_ANGLES_DEGREES, draw_rotation_angles, rotate_volume  # noqa: E402
 
 
 def random_volume(shape=(32, 32, 16), seed=0) -> np.ndarray:

@@ -166,7 +166,7 @@ def test_bench_input_ends_with_samples_per_second_and_peak_memory(tiny_cache, ca
     ({"precision": "float64"}, "--precision"),
 ])
 def test_fit_options_are_checked_when_called_without_the_command_line(tiny_cache, tmp_path, changes, fragment):
-    from preprocess.errors import UserError
+    from common.errors import UserError
     from train.fit import fit_model
     from train.options import FitOptions
 

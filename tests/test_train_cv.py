@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from preprocess.cache import CacheReader
-from preprocess.errors import UserError
-from train.splits import make_folds
+from common.errors import UserError
+from train.pipeline.folds import make_folds
 
 pytest.importorskip("tensorflow")
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import write_nifti
-from preprocess.errors import UserError
+from common.errors import UserError
 from preprocess.synth import make_phantom, write_phantom
 from preprocess.volume import preprocess_scan
 from train.explain import compute_grad_cam, save_explanation
-from train.model import build_model
+from train.network.model import build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside Keras
 

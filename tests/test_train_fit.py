@@ -20,13 +20,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 from preprocess.build import BuildOptions, build_cache  # noqa: E402
 from preprocess.cache import CacheReader  # noqa: E402
-from preprocess.errors import UserError  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from train.__main__ import main  # noqa: E402
 from train.evaluate import evaluate_run  # noqa: E402
 from train.fit import fit_model  # noqa: E402
 from train.options import DEFAULT_RECIPE, RECIPES, FitOptions  # noqa: E402
 from train.predict import predict_scans  # noqa: E402
-from train.run import read_history, read_state  # noqa: E402
+from train.rundir.layout import read_history, read_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3
@@ -136,7 +136,7 @@ def test_predict_prints_the_tutorials_sentence_for_real_ct(trained_run, real_ct,
 
 def test_predict_preprocesses_like_the_training_cache(trained_run, tiny_cache, synthetic_raw):
     # a raw scan that is in the cache gets the probability of its cached volume
-    from train.model import load_trained_model
+    from train.rundir.models import load_trained_model
 
     with CacheReader(tiny_cache) as reader:
         row = 0

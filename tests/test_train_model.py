@@ -6,9 +6,10 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from preprocess.errors import UserError  # noqa: E402
-from train.architecture import check_input_shape, feature_map_sizes, minimum_axis_size  # noqa: E402
-from train.model import build_model, load_trained_model  # noqa: E402
+from common.errors import UserError  # noqa: E402
+from train.network.architecture import check_input_shape, feature_map_sizes, minimum_axis_size  # noqa: E402
+from train.network.model import build_model  # noqa: E402
+from train.rundir.models import load_trained_model  # noqa: E402
 
 TINY = (32, 32, 16)
 

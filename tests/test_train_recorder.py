@@ -6,10 +6,10 @@ import pytest
 keras = pytest.importorskip("keras")
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside Keras model.save
 
-from train.recorder import (  # noqa: E402
+from train.loop.recorder import (  # noqa: E402
     RunRecorder, get_random_generator_states, set_random_generator_states,
 )
-from train.run import TrainingState, read_history, read_state  # noqa: E402
+from train.rundir.layout import TrainingState, read_history, read_state  # noqa: E402
 
 
 def small_model() -> keras.Model:

@@ -1,4 +1,4 @@
-"""`train.runs`: run directories written with the real writers, listed, sorted, marked and printed."""
+"""`train.rundir.listing`: run directories written with the real writers, listed, sorted, marked and printed."""
 from __future__ import annotations
 
 import re
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from preprocess.cache import CacheReader
-from preprocess.errors import UserError
-from train.files import write_json_atomically
-from train.run import TrainingState, best_model_name, last_model_name, write_state
-from train.runs import COLUMNS, format_runs_table, list_runs, runs_as_json, sort_runs
+from common.errors import UserError
+from common.files import write_json_atomically
+from train.rundir.layout import TrainingState, best_model_name, last_model_name, write_state
+from train.rundir.listing import COLUMNS, format_runs_table, list_runs, runs_as_json, sort_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_A = "a" * 64
@@ -266,7 +266,7 @@ def test_a_reference_cache_is_the_reference_even_for_a_minority(tmp_path, tiny_c
 
 
 def test_listing_runs_does_not_import_tensorflow():
-    code = "import sys, train.runs; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    code = "import sys, train.rundir.listing; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert result.stdout.split() == ["False", "False"]
 

@@ -12,9 +12,9 @@ import pytest
 from conftest import TINY_SHAPE
 from preprocess.build import BuildOptions, build_cache
 from preprocess.cache import CacheReader
-from preprocess.errors import UserError
-from train.metrics import compute_quadratic_weighted_kappa, compute_severity_report
-from train.tasks import Task, class_indices, make_task, task_from_config, training_targets
+from common.errors import UserError
+from train.network.scores import compute_quadratic_weighted_kappa, compute_severity_report
+from train.network.tasks import Task, class_indices, make_task, task_from_config, training_targets
 
 pytest.importorskip("tensorflow")
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -11,12 +11,12 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from preprocess.arguments import (  # noqa: E402
+from common.cli import (  # noqa: E402
     EXIT_INTERRUPTED, ArgumentParser, configure_logging, non_negative_int, positive_float, positive_int, run_command,
 )
-from train.distribute import STRATEGIES  # noqa: E402
-from train.runs import COLUMNS as RUN_COLUMNS  # noqa: E402
-from train.tasks import TASKS  # noqa: E402
+from train.loop.distribute import STRATEGIES  # noqa: E402
+from train.rundir.listing import COLUMNS as RUN_COLUMNS  # noqa: E402
+from train.network.tasks import TASKS  # noqa: E402
 from train.options import (  # noqa: E402
     MAX_BENCH_SAMPLES, MAX_LEARNING_RATE, MIN_LEARNING_RATE, PADDINGS, POOLINGS, PRECISIONS, RECIPES, SCHEDULES,
     WHOLE_NUMBER_RANGES, FitOptions,
@@ -245,7 +245,7 @@ def run_cv(arguments) -> int | None:
 
 
 def run_runs(arguments) -> None:
-    from train.runs import DESCENDING_BY_DEFAULT, format_runs_table, list_runs, runs_as_json, sort_runs
+    from train.rundir.listing import DESCENDING_BY_DEFAULT, format_runs_table, list_runs, runs_as_json, sort_runs
 
     descending = arguments.sort in DESCENDING_BY_DEFAULT
     runs = sort_runs(list_runs(arguments.root, arguments.cache), arguments.sort,

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from preprocess.cache import CacheReader
-from preprocess.errors import UserError
-from train.native_logs import load_tensorflow
+from common.errors import UserError
+from train.loop.native_logs import load_tensorflow
 from train.options import MAX_BENCH_SAMPLES, WHOLE_NUMBER_RANGES
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,8 @@ def benchmark_input(cache: Path, samples: int = 200, batch_size: int = 2, seed: 
             raise UserError(f"{flag} must be a whole number from {low} to {high}, got {value!r}")
     with CacheReader(cache) as reader:
         load_tensorflow()  # only once the cache checks out
-        from train.data import make_training_dataset, reporting_read_failures
-        from train.splits import split_rows
+        from train.pipeline.data import make_training_dataset, reporting_read_failures
+        from train.pipeline.folds import split_rows
 
         rows, labels = split_rows(reader, "train")
         if len(rows) == 0:

@@ -1,7 +1,7 @@
 """`cv`: K-fold cross-validation over the cache's train and validation rows, then one test report.
 
 The train and validation rows are pooled and dealt into K folds, stratified by class (grade for
-`--task severity`) and seeded by `--seed` (`train.splits.make_folds`). Fold k trains on the
+`--task severity`) and seeded by `--seed` (`train.pipeline.folds.make_folds`). Fold k trains on the
 other K - 1 folds, picks its best epoch on fold k, and is reported on fold k: each fold is a
 normal run directory, `RUN_DIR/fold-k`. The test split is not looked at until all folds are
 done; then the K best models, averaged (their probabilities), are evaluated on it once.
@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from preprocess.cache import CacheReader
-from preprocess.errors import UserError
-from train.files import write_json_atomically
+from common.errors import UserError
+from common.files import write_json_atomically
 from train.options import FitOptions, check_fit_options, resolve_recipe
-from train.run import CONFIG, create_new_run_dir, make_run_dir
+from train.rundir.layout import CONFIG, create_new_run_dir, make_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,8 @@ def summarize_folds(options: FitOptions, run_dir: Path, fold_reports: list[dict]
 def evaluate_ensemble_on_test(options: FitOptions, run_dirs: list[Path]) -> dict:
     """The test report of the folds' best models, their probabilities averaged: the one look at the test split."""
     from train.evaluate import predict_split, report_from_probabilities
-    from train.model import load_best_model
-    from train.tasks import class_indices, make_task
+    from train.rundir.models import load_best_model
+    from train.network.tasks import class_indices, make_task
 
     with CacheReader(options.cache) as reader:
         task = make_task(options.task, reader)

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from preprocess.cache import CacheReader, Preprocessing
-from preprocess.errors import UserError
-from train.native_logs import load_tensorflow
-from train.run import ROC_CURVE, open_run
-from train.tasks import Task, class_indices, task_from_config
+from common.errors import UserError
+from train.loop.native_logs import load_tensorflow
+from train.rundir.layout import ROC_CURVE, open_run
+from train.network.tasks import Task, class_indices, task_from_config
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def check_same_preprocessing(config: dict, reader: CacheReader, run_dir: Path) -
 def predict_split(model, reader: CacheReader, rows: np.ndarray, batch_size: int = EVALUATION_BATCH_SIZE) -> np.ndarray:
     """The model's probabilities for each row, in row order, streamed from the cache without augmentation:
     P(abnormal) (N,) for a binary model, grade probabilities (N, classes) for a severity model."""
-    from train.data import make_evaluation_dataset, reporting_read_failures
+    from train.pipeline.data import make_evaluation_dataset, reporting_read_failures
 
     outputs = int(model.output_shape[-1])
     if len(rows) == 0:
@@ -52,7 +52,7 @@ def predict_split(model, reader: CacheReader, rows: np.ndarray, batch_size: int 
 
 def report_from_probabilities(task: Task, classes: np.ndarray, probabilities: np.ndarray) -> dict:
     """The task's report: binary (accuracy, AUC, sensitivity, specificity) or severity (macro AUC, kappa...)."""
-    from train.metrics import compute_classification_report, compute_severity_report
+    from train.network.scores import compute_classification_report, compute_severity_report
 
     if task.is_binary:
         return compute_classification_report(classes, probabilities)
@@ -61,11 +61,11 @@ def report_from_probabilities(task: Task, classes: np.ndarray, probabilities: np
 
 def evaluate_rows(model, reader: CacheReader, rows: np.ndarray, task: Task, name: str,
                   roc_path: Path | None = None) -> dict:
-    """The report (see `train.metrics`) of `model` on some rows of the cache, labelled `name`;
+    """The report (see `train.network.scores`) of `model` on some rows of the cache, labelled `name`;
     with `roc_path`, also a PNG of the ROC curve there (a file that cannot be written is a warning)."""
-    from train.files import WriteError
-    from train.options import DECISION_THRESHOLD
-    from train.plots import save_roc_curve
+    from common.files import WriteError
+    from train.network.scores import DECISION_THRESHOLD
+    from train.rundir.plots import save_roc_curve
 
     if len(rows) == 0:
         log.warning("the %s rows of %s are none; their metrics are undefined", name, reader.path)
@@ -94,7 +94,7 @@ def evaluate_run(run_dir: Path, cache: Path, split: str = "test") -> dict:
         rows = reader.split(split)
         class_indices(task, reader, rows)  # a grade the run does not know: refused before the model loads
         load_tensorflow()  # only once the inputs are valid: bad input is refused in a second
-        from train.model import load_best_model
+        from train.rundir.models import load_best_model
 
         model = load_best_model(Path(run_dir))
         roc_path = Path(run_dir) / ROC_CURVE.format(split=f"{split}_{Path(cache).stem}")

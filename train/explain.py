@@ -16,10 +16,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from preprocess.errors import UserError
+from common.errors import UserError
 from preprocess.montage import save_montage
 from preprocess.volume import resize_volume
-from train.files import replace_atomically
+from common.files import replace_atomically
 
 
 def find_last_convolution(model: keras.Model) -> keras.layers.Layer:

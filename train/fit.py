@@ -18,20 +18,20 @@ from importlib import metadata
 from pathlib import Path
 
 from preprocess.cache import CacheReader
-from preprocess.errors import UserError
-from train.architecture import check_input_shape
-from train.distribute import ClusterRole, read_cluster_role
+from common.errors import UserError
+from train.network.architecture import check_input_shape
+from train.loop.distribute import ClusterRole, read_cluster_role
 from train.evaluate import preprocessing_as_json
-from train.native_logs import load_tensorflow
+from train.loop.native_logs import load_tensorflow
 from train.options import FitOptions, changed_options, check_fit_options, resolve_recipe
-from train.files import read_json, write_json_atomically
-from train.run import (
+from common.files import read_json, write_json_atomically
+from train.rundir.layout import (
     CONFIG, CURVES, HISTORY, METRICS, ROC_CURVE, STATE, TrainingState, create_new_run_dir, default_run_dir, is_own_file,
     locked_run_dir, make_run_dir, read_history, read_state, remove_other_models, remove_stale_temporaries,
     write_history,
 )
-from train.splits import rows_and_classes
-from train.tasks import compute_class_weights, make_task, task_from_config
+from train.pipeline.folds import rows_and_classes
+from train.network.tasks import compute_class_weights, make_task, task_from_config
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def fit_model(options: FitOptions) -> FitReport:
     """Train a model as `options` say (see `FitOptions`) and return where and how it went.
 
     In a multi-worker run every worker calls this; only the chief prepares, locks and writes the
-    run directory, and the others train alongside it with a scratch folder (see `train.distribute`).
+    run directory, and the others train alongside it with a scratch folder (see `train.loop.distribute`).
     """
     options = resolve_recipe(options)
     check_fit_options(options)
@@ -62,7 +62,7 @@ def fit_model(options: FitOptions) -> FitReport:
         if options.precision == "mixed_float16" and options.strategy != "multiworker":
             # refused before any folder is made; a multi-worker run checks once its strategy exists
             load_tensorflow()
-            from train.training import check_precision_supported
+            from train.loop.loop import check_precision_supported
 
             check_precision_supported(options.precision)
         if not role.is_chief:
@@ -81,7 +81,7 @@ def fit_model(options: FitOptions) -> FitReport:
                 log.info("%s: nothing left to train (%d epochs done%s)", run_dir, state.completed_epochs,
                          ", stopped early" if state.stopped_early else "")
             else:
-                from train.training import run_training
+                from train.loop.loop import run_training
 
                 state = run_training(reader, run_dir, options, state, history, strategy)
             return finish_run(run_dir, reader, state, options)
@@ -93,7 +93,7 @@ def resolve_auto_precision(options: FitOptions) -> FitOptions:
     if options.precision != "auto":
         return options
     load_tensorflow()
-    from train.precision import resolve_precision
+    from train.network.precision import resolve_precision
 
     return replace(options, precision=resolve_precision(options.precision))
 
@@ -114,8 +114,8 @@ def prepare_run_dir(options: FitOptions) -> Path:
 def start_strategy(options: FitOptions):
     """Import TensorFlow and create the --strategy (before any other TensorFlow op, as tf.distribute needs)."""
     load_tensorflow()
-    from train.distribute import make_strategy
-    from train.training import check_precision_supported
+    from train.loop.distribute import make_strategy
+    from train.loop.loop import check_precision_supported
 
     strategy = make_strategy(options.strategy)
     check_precision_supported(options.precision)
@@ -124,7 +124,7 @@ def start_strategy(options: FitOptions):
 
 def record_distribution(run_dir: Path, strategy, options: FitOptions) -> None:
     """Write the strategy's replicas and global batch into config.json; a resume must keep them."""
-    from train.distribute import describe_strategy
+    from train.loop.distribute import describe_strategy
 
     distribution = describe_strategy(strategy)
     distribution["global_batch_size"] = options.batch_size * distribution["replicas"]
@@ -158,7 +158,7 @@ def fit_as_worker(options: FitOptions, reader: CacheReader, role: ClusterRole) -
     strategy = start_strategy(options)
     if state.stopped_early or state.completed_epochs >= options.epochs:
         return FitReport(run_dir, state, {}, is_chief=False)
-    from train.training import run_training
+    from train.loop.loop import run_training
 
     with tempfile.TemporaryDirectory(prefix=f"mosmed3d-{role.task_type}-{role.task_index}-") as scratch:
         # the model to resume from is read from the shared run directory, and the scratch folder takes the writes
@@ -257,8 +257,8 @@ def finish_run(run_dir: Path, reader: CacheReader, state: TrainingState, options
     """
     load_tensorflow()
     from train.evaluate import evaluate_model, evaluate_rows
-    from train.model import load_trained_model
-    from train.plots import save_training_curves
+    from train.rundir.models import load_trained_model
+    from train.rundir.plots import save_training_curves
 
     history = read_history(run_dir / HISTORY)
     if history:

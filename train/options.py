@@ -4,9 +4,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from preprocess.errors import UserError
-from train.distribute import STRATEGIES
-from train.tasks import TASKS
+from common.errors import UserError
+from train.loop.distribute import STRATEGIES
+from train.network.tasks import TASKS
 
 PADDINGS = ("valid", "same")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
@@ -15,8 +15,6 @@ POOLINGS = ("avg", "max", "avgmax")
 # Options a --resume may change: they do not change what the finished run computes (epochs only
 # extends or shortens the schedule; quiet and resume are about this invocation).
 RESUMABLE_CHANGES = ("epochs", "quiet", "resume", "run_dir", "cache")
-# P(abnormal) at or above this is called abnormal, as in the tutorial
-DECISION_THRESHOLD = 0.5
 # The range of each whole-number option. The upper bounds are far beyond any real experiment:
 # a larger value is a typo or an overflow, refused at once rather than attempted for hours
 # (a batch of 10**12 volumes, 10**12 epochs). Seeds must fit NumPy's seed range.
@@ -69,8 +67,8 @@ class FitOptions:
     seed: int = 0
     padding: str = "valid"
     precision: str | None = None  # auto: mixed_bfloat16 where the hardware runs bfloat16 natively
-    strategy: str = "auto"  # see train.distribute
-    task: str = "binary"  # see train.tasks
+    strategy: str = "auto"  # see train.loop.distribute
+    task: str = "binary"  # see train.network.tasks
     # cross-validation (set by `train cv`, not a `fit` flag): train on every fold of the train and
     # validation rows but `fold` (1-based), validate on that one, and leave the test split alone
     fold: int | None = None

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess.errors import UserError
+from common.errors import UserError
 from preprocess.volume import CANONICAL_ORIENTATION, RESAMPLE_METHOD, ScanError, preprocess_scan
-from train.native_logs import load_tensorflow
-from train.options import DECISION_THRESHOLD as THRESHOLD
-from train.run import open_run
-from train.tasks import task_from_config
+from train.loop.native_logs import load_tensorflow
+from train.network.scores import DECISION_THRESHOLD as THRESHOLD
+from train.rundir.layout import open_run
+from train.network.tasks import task_from_config
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def predict_scans(run_dir: Path, scans: list[Path], explain_dir: Path | None = N
     if explain_dir is not None:
         make_explain_dir(Path(explain_dir))
     load_tensorflow()  # only once the run is valid: bad input is refused in a second
-    from train.model import load_best_model
+    from train.rundir.models import load_best_model
 
     model = load_best_model(run_dir)
     if model.input_shape != (None, *shape, 1) or model.output_shape != (None, task.output_units):

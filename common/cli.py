@@ -7,7 +7,7 @@ import math
 import sys
 from collections.abc import Callable
 
-from preprocess.errors import UserError
+from common.errors import UserError
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1

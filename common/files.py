@@ -1,8 +1,8 @@
-"""Files of a run, written atomically and read defensively.
+"""Files written atomically and read defensively: the heart of the project's crash safety.
 
-Every file is written to a temporary file in the same folder and moved into place with
-`os.replace`, so a reader (or a killed run's `--resume`) sees the old file or the new one,
-never half of one. A write the OS refuses (disk full, file too large, not a folder) is one
+Every file (a cache, every file of a run directory) is written to a temporary file in the same
+folder, made durable (fsync) and moved into place with `os.replace`, so a reader (a training
+run, or a killed run's `--resume`) sees the old file or the new one, never half of one. A write the OS refuses (disk full, file too large, not a folder) is one
 `WriteError` line, and its temporary file is removed. Reads accept JSON only: nothing a run
 directory holds is ever unpickled or executed.
 """
@@ -17,10 +17,9 @@ from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
-from preprocess.cache import fsync_path
-from preprocess.errors import UserError
+from common.errors import UserError, first_line
 
-TEMP_MARKER = ".tmp-"
+TEMP_MARKER = ".tmp-"  # in the name of every temporary file: what a cleanup after a kill looks for
 MAX_RUN_FILE_BYTES = 64 * 2**20  # config, state, history: a few KB; more is not a file of this tool
 
 
@@ -44,9 +43,7 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     temporary = path.with_name(f".{path.stem}{TEMP_MARKER}{os.getpid()}{path.suffix}")
     try:
         write(temporary)
-        fsync_path(temporary)
-        os.replace(temporary, path)
-        fsync_path(path.parent)
+        move_into_place(temporary, path)
     except BaseException as error:
         with suppress(OSError):
             temporary.unlink(missing_ok=True)
@@ -55,6 +52,22 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
             raise
         raise WriteError(path, reason) from None
     return path
+
+
+def move_into_place(temporary: Path, path: Path) -> None:
+    """Make a finished temporary file durable, rename it to `path`, and make the rename durable."""
+    fsync_path(temporary)
+    os.replace(temporary, path)
+    fsync_path(Path(path).parent)
+
+
+def fsync_path(path: Path) -> None:
+    """Make a file's (or a folder's entries') writes durable before anything depends on them."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def describe_os_error(error: BaseException) -> str | None:
@@ -88,8 +101,6 @@ def link_or_copy_atomically(source: Path, path: Path) -> Path:
     return replace_atomically(path, write)
 
 
-
-
 def write_text_atomically(path: Path, text: str) -> Path:
     return replace_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
@@ -107,12 +118,6 @@ def _finite(value):
     if isinstance(value, (list, tuple)):
         return [_finite(item) for item in value]
     return value
-
-
-def first_line(error: BaseException) -> str:
-    """An exception as one short line for the user (hostile files make long, multi-line messages)."""
-    text = str(error).strip()
-    return (text.splitlines()[0][:300] if text else type(error).__name__)
 
 
 def read_json(path: Path) -> dict:

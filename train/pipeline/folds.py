@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from preprocess.cache import CacheReader
-from preprocess.errors import UserError
+from common.errors import UserError
 
 
 def split_rows(reader: CacheReader, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +52,7 @@ def training_and_validation_rows(reader: CacheReader, classes_of, fold: int | No
 
 def rows_and_classes(reader: CacheReader, options, task):
     """((train rows, their classes), (validation rows, their classes)) of a run: its splits, or its fold."""
-    from train.tasks import class_indices
+    from train.network.tasks import class_indices
 
     train_rows, val_rows = training_and_validation_rows(
         reader, lambda rows: class_indices(task, reader, rows), options.fold, options.folds, options.seed)

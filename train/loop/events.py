@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from preprocess.errors import UserError
+from common.errors import UserError
 
 VALIDATION_PREFIX = "val_"
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.files import replace_atomically
+from common.files import replace_atomically
 
 PANELS = (("accuracy", "Accuracy"), ("auc", "AUC"), ("loss", "Loss"))
 
@@ -52,7 +52,7 @@ def save_roc_curve(classes: np.ndarray, probabilities: np.ndarray, class_names: 
     `threshold` are called abnormal. Severity (`probabilities` (N, grades)): one one-vs-rest
     curve per grade present among the scans.
     """
-    from train.metrics import compute_roc_auc, compute_roc_curve
+    from train.network.scores import compute_roc_auc, compute_roc_curve
 
     plt = _pyplot()
     classes, probabilities = np.asarray(classes).astype(int), np.asarray(probabilities, np.float64)

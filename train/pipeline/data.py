@@ -24,8 +24,8 @@ import numpy as np
 import tensorflow as tf
 
 from preprocess.cache import CacheError, CacheReader
-from preprocess.errors import UserError
-from train.augment import draw_rotation_angles, rotate_volume
+from common.errors import UserError
+from train.pipeline.augment import draw_rotation_angles, rotate_volume
 
 log = logging.getLogger(__name__)
 

@@ -1,52 +1,15 @@
-"""Classification metrics: Keras metrics for training and exact numpy metrics for reports.
+"""Exact classification scores from predicted probabilities, in NumPy: what reports carry.
 
-Training shows accuracy, AUC, sensitivity and specificity per epoch (Keras's AUC interpolates
-over 200 thresholds). Reports (metrics.json, `evaluate`) are computed once from the predicted
-probabilities with exact formulas, and carry the confusion matrix.
+Reports (metrics.json, `evaluate`, `cv`) are computed once from the predicted probabilities
+with exact formulas, and carry the confusion matrix. The per-epoch Keras metrics of training
+are in `train.network.keras_metrics`.
 """
 from __future__ import annotations
 
-import keras
 import numpy as np
 
-from train.options import DECISION_THRESHOLD as THRESHOLD
-
-
-@keras.saving.register_keras_serializable(package="mosmed3d")
-class Specificity(keras.metrics.Metric):
-    """True-negative rate TN / (TN + FP) at a fixed threshold (Keras has Recall, not this)."""
-
-    def __init__(self, threshold: float = THRESHOLD, name: str = "specificity", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.threshold = threshold
-        self.true_negatives = self.add_variable(shape=(), initializer="zeros", name="true_negatives")
-        self.false_positives = self.add_variable(shape=(), initializer="zeros", name="false_positives")
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        ops = keras.ops
-        negative = ops.reshape(ops.cast(y_true, "float32") < 0.5, (-1,))
-        called_positive = ops.reshape(ops.cast(y_pred, "float32") >= self.threshold, (-1,))
-        # weighted like Keras's own metrics: padding samples (weight 0) count for nothing
-        weight = ops.ones_like(ops.cast(negative, "float32")) if sample_weight is None \
-            else ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
-        self.true_negatives.assign_add(ops.sum(ops.cast(negative & ~called_positive, "float32") * weight))
-        self.false_positives.assign_add(ops.sum(ops.cast(negative & called_positive, "float32") * weight))
-
-    def result(self):
-        return keras.ops.divide_no_nan(self.true_negatives, self.true_negatives + self.false_positives)
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "threshold": self.threshold}
-
-
-def make_binary_training_metrics() -> list[keras.metrics.Metric]:
-    """The binary task's per-epoch metrics; their names are history.csv's columns."""
-    return [
-        keras.metrics.BinaryAccuracy(name="accuracy", threshold=THRESHOLD),
-        keras.metrics.AUC(name="auc"),
-        keras.metrics.Recall(name="sensitivity", thresholds=THRESHOLD),
-        Specificity(name="specificity"),
-    ]
+# P(abnormal) at or above this is called abnormal, as in the tutorial
+DECISION_THRESHOLD = 0.5
 
 
 def compute_roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
@@ -61,7 +24,7 @@ def compute_roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
 
 
 def compute_classification_report(labels: np.ndarray, probabilities: np.ndarray,
-                                  threshold: float = THRESHOLD) -> dict:
+                                  threshold: float = DECISION_THRESHOLD) -> dict:
     """Accuracy, AUC, sensitivity, specificity and the confusion matrix; undefined values are NaN."""
     labels = np.asarray(labels).astype(int).reshape(-1)
     probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1)

@@ -7,7 +7,7 @@ severity  one softmax over the grades present in the cache, e.g. CT-0 ... CT-4 (
 
 A `Task` turns the cache's rows into class indices and training targets, and knows the loss, the
 per-epoch Keras metrics and the class weights. The report metrics (exact, from probabilities)
-are in `train.metrics`.
+are in `train.network.scores`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from preprocess.cache import CacheReader
-from preprocess.errors import UserError
+from common.errors import UserError
 
 TASKS = ("binary", "severity")
 BINARY_CLASS_NAMES = ("normal", "abnormal")
@@ -126,7 +126,7 @@ def make_training_metrics(task: Task) -> list:
     """The metrics `fit` logs per epoch; their names are history.csv's columns ("auc" picks the best epoch)."""
     import keras
 
-    from train.metrics import make_binary_training_metrics
+    from train.network.keras_metrics import make_binary_training_metrics
 
     if task.is_binary:
         return make_binary_training_metrics()

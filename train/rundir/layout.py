@@ -1,6 +1,6 @@
 """The run directory: its file names, history, the resume state, its lock, and finding its model.
 
-Every file is written atomically (see `train.files`). `state.json` is written last after each
+Every file is written atomically (see `common.files`). `state.json` is written last after each
 epoch: it is the commit record of that epoch, it names the model files that belong to it, and
 `--resume`, `evaluate` and `predict` trust nothing else. A hand-edited or hostile state.json is
 refused before any file it names is opened.
@@ -31,9 +31,9 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from preprocess.errors import UserError
-from train.files import (
-    MAX_RUN_FILE_BYTES, TEMP_MARKER, first_line, read_json, write_json_atomically, write_text_atomically,
+from common.errors import UserError, first_line
+from common.files import (
+    MAX_RUN_FILE_BYTES, TEMP_MARKER, read_json, write_json_atomically, write_text_atomically,
 )
 
 log = logging.getLogger(__name__)

@@ -94,7 +94,7 @@ def assign_population_statistics(model: keras.Model, statistics: list[tuple[np.n
 
 def precise_bn_rows(train_rows: np.ndarray, scans: int, batch_size: int, seed: int) -> np.ndarray:
     """The training rows PreciseBN reads: a seeded choice of whole batches of `batch_size` (at least one)."""
-    from train.data import derive_seed
+    from train.pipeline.data import derive_seed
 
     order = np.random.default_rng(derive_seed(seed, "precise_bn")).permutation(np.asarray(train_rows))
     batch = min(batch_size, len(order))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,20 +11,20 @@ import numpy as np
 import tensorflow as tf
 
 from preprocess.cache import CacheReader
-from preprocess.errors import UserError
-from train.data import (
+from common.errors import UserError
+from train.pipeline.data import (
     Shard, make_evaluation_dataset, make_training_dataset, make_validation_dataset, reporting_read_failures,
     sample_weights_of, steps_per_epoch,
 )
-from train.events import ScalarEventLogger
-from train.metrics import Specificity
-from train.model import build_model
+from train.loop.events import ScalarEventLogger
+from train.network.model import build_model
 from train.options import FitOptions
-from train.precise_bn import PreciseBatchNorm, precise_bn_rows
-from train.recorder import RunRecorder, set_random_generator_states
-from train.run import TENSORBOARD, TrainingState
-from train.splits import rows_and_classes
-from train.tasks import (
+from train.loop.precise_bn import PreciseBatchNorm, precise_bn_rows
+from train.loop.recorder import RunRecorder, set_random_generator_states
+from train.rundir.layout import TENSORBOARD, TrainingState
+from train.rundir.models import load_trained_model
+from train.pipeline.folds import rows_and_classes
+from train.network.tasks import (
     Task, compute_class_weights, make_loss, make_task, make_training_metrics, training_targets,
 )
 
@@ -42,7 +41,7 @@ def configure_determinism(seed: int) -> None:
     """Seed Keras, NumPy and TensorFlow from --seed and ask TensorFlow for deterministic kernels.
 
     Initial weights and dropout follow from the seed; the data order and the rotation angles use
-    stateless ops seeded from it (see `train.data`), so they do not depend on this global state.
+    stateless ops seeded from it (see `train.pipeline.data`), so they do not depend on this global state.
     """
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
@@ -96,18 +95,15 @@ def make_compiled_model(input_shape, options: FitOptions, task: Task, steps_per_
 
 def load_training_state_model(path: Path, input_shape: tuple[int, int, int], random_generator_states: tuple):
     """The last epoch's model with its optimizer state, loaded without running any stored code."""
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"{path}: cannot load the training state to resume (not a .keras zip archive)")
-    try:
-        model = keras.saving.load_model(path, safe_mode=True, compile=True,
-                                        custom_objects={"Specificity": Specificity})
+    def check(model: keras.Model) -> None:
         if model.input_shape != (None, *input_shape, 1):
             raise ValueError(f"it takes {model.input_shape}, the cache holds {input_shape} volumes")
         set_random_generator_states(model, random_generator_states)
-    except Exception as error:  # the file is the run's, not ours: whatever is wrong with it, one line
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"{path}: cannot load the training state to resume ({message})") from None
-    return model
+
+    try:
+        return load_trained_model(path, compile=True, check=check)
+    except UserError as error:
+        raise UserError(f"cannot load the training state to resume: {error}") from None
 
 
 def build_before_fit(model: keras.Model, strategy, input_shape, task: Task) -> None:

@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from preprocess.errors import UserError
+from common.errors import UserError
 
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 # a collective that waits longer than this for a peer fails instead of hanging forever: a worker

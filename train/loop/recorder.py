@@ -21,9 +21,9 @@ from pathlib import Path
 
 import keras
 
-from preprocess.errors import UserError
-from train.files import WriteError, link_or_copy_atomically, replace_atomically
-from train.run import (
+from common.errors import UserError
+from common.files import WriteError, link_or_copy_atomically, replace_atomically
+from train.rundir.layout import (
     HISTORY, TrainingState, best_model_name, last_model_name, remove_other_models, write_history, write_state,
 )
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from preprocess.errors import UserError
+from common.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from datetime import datetime
 from pathlib import Path
 
 from preprocess.cache import CacheReader
-from preprocess.errors import UserError
-from train.files import read_json
-from train.run import CONFIG, METRICS, read_state
+from common.errors import UserError
+from common.files import read_json
+from train.rundir.layout import CONFIG, METRICS, read_state
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,97 @@
+"""The cache's schema: dataset names, attributes, version, the row records, and the fingerprint.
+
+See `preprocess.cache` for the layout. The writer (`preprocess.cache.writer`) and the reader
+(`preprocess.cache.reader`) both follow this module; nothing else spells an HDF5 path.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from common.errors import UserError
+from common.files import TEMP_MARKER
+from common.processes import process_alive
+from preprocess.preprocessing import Preprocessing, plain_value
+
+FORMAT_NAME = "mosmed3d-cache"
+SCHEMA_VERSION = 1
+SPLIT_NAMES = ("train", "val", "test")
+ROW_TABLES = ("labels", "scan_ids", "class_names", "source_paths", "source_sha256", "source_sizes",
+              "source_mtimes_ns", "source_shapes", "source_spacing_mm")
+STRING = h5py.string_dtype("utf-8")
+REQUIRED_ATTRIBUTES = ("shape", "hu_min", "hu_max", "resample_method", "orientation", "seed",
+                       "val_fraction", "test_fraction", "fingerprint")
+
+
+class CacheError(UserError):
+    """The file is missing, is not a cache of this project, or is inconsistent."""
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    seed: int
+    val_fraction: float
+    test_fraction: float
+
+
+@dataclass(frozen=True)
+class ScanRecord:
+    """One row's provenance, everything but the volume."""
+
+    scan_id: str
+    label: int
+    class_name: str
+    source_path: str
+    source_sha256: str
+    source_size: int
+    source_mtime_ns: int
+    source_shape: tuple[int, int, int]
+    source_spacing_mm: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class Failure:
+    source_path: str
+    reason: str
+    source_size: int
+    source_mtime_ns: int
+
+
+def compute_fingerprint(preprocessing: Preprocessing, scan_ids, source_sha256) -> str:
+    """Identify a cache's content: same options and same source files give the same value."""
+    digest = hashlib.sha256(json.dumps(preprocessing.to_json(), sort_keys=True).encode())
+    for scan_id, sha in zip(scan_ids, source_sha256):
+        digest.update(f"\n{scan_id}\t{sha}".encode())
+    return digest.hexdigest()
+
+
+def jsonable(options) -> dict:
+    """A dataclass's fields as plain JSON values (cache attributes)."""
+    return {field.name: plain_value(getattr(options, field.name)) for field in fields(options)}
+
+
+def temp_path_for(out: Path) -> Path:
+    """The temporary file a build writes beside `out` (same folder, so the rename is atomic)."""
+    return out.with_name(f".{out.name}{TEMP_MARKER}{os.getpid()}")
+
+
+def stale_temp_files(out: Path) -> list[Path]:
+    """Temporary files left beside `out` by builds whose process no longer runs."""
+    stale = []
+    for candidate in out.parent.glob(f".{out.name}{TEMP_MARKER}*"):
+        pid_text = candidate.name.rsplit(TEMP_MARKER, 1)[-1]
+        if not pid_text.isdigit() or not process_alive(int(pid_text)):
+            stale.append(candidate)
+    return stale
+
+
+def estimated_cache_bytes(rows: int, shape) -> int:
+    """An upper bound on a cache file's size: the volumes plus generous room for the tables."""
+    return rows * int(np.prod(shape)) * 4 + rows * 4096 + 1024**2
+

@@ -1,0 +1,81 @@
+"""`Preprocessing`: the options that decide a cache's volumes, as one object.
+
+Beside the per-scan transform (`preprocess.volume.preprocess_scan`), this is the one owner of
+those options: what this version of the code makes of `--shape` and `--hu-window`
+(`of_this_code`), how they are written to JSON (a run's config.json; the cache's attributes and
+fingerprint), read back (`from_json`), and compared (`differences`). `build` compares the
+previous cache's with its own, `evaluate` a run's with a cache's, and `predict` reads a run's.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import UserError
+
+MAX_VOLUME_SIDE = 4096  # voxels along one axis of a preprocessed volume; more is a damaged record
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The options that decide a cache's arrays; any change means a full rebuild."""
+
+    shape: tuple[int, int, int]
+    hu_min: float
+    hu_max: float
+    resample_method: str
+    orientation: str
+
+    @classmethod
+    def of_this_code(cls, shape, hu_window) -> Preprocessing:
+        """What this version of `preprocess_scan` makes with these options."""
+        from preprocess.volume import CANONICAL_ORIENTATION, RESAMPLE_METHOD  # nibabel: not for cache readers
+
+        return cls(
+            shape=tuple(int(n) for n in shape),
+            hu_min=float(hu_window[0]),
+            hu_max=float(hu_window[1]),
+            resample_method=RESAMPLE_METHOD,
+            orientation="".join(CANONICAL_ORIENTATION),
+        )
+
+    def to_json(self) -> dict:
+        """Plain JSON values (tuples become lists), as config.json and the cache's fingerprint store them."""
+        return {field.name: plain_value(getattr(self, field.name)) for field in fields(self)}
+
+    @classmethod
+    def from_json(cls, document, run_dir: Path) -> Preprocessing:
+        """The options a run's config.json records, refused (one line) unless this code makes the same volumes."""
+        if not isinstance(document, dict) or not {"shape", "hu_min", "hu_max"} <= document.keys():
+            raise UserError(f"{run_dir}: config.json has no preprocessing options")
+        current = cls.of_this_code((1, 1, 1), (0.0, 1.0))
+        for name in ("resample_method", "orientation"):
+            if document.get(name) != getattr(current, name):
+                raise UserError(f"{run_dir} was trained on volumes made with {name} {document.get(name)!r}; "
+                                f"this version of preprocess makes {getattr(current, name)!r}")
+        try:
+            shape = tuple(int(n) for n in document["shape"])
+            hu_min, hu_max = float(document["hu_min"]), float(document["hu_max"])
+        except (TypeError, ValueError, OverflowError):
+            shape, hu_min, hu_max = (), math.nan, math.nan
+        if len(shape) != 3 or not all(1 <= n <= MAX_VOLUME_SIDE for n in shape) or not hu_min < hu_max \
+                or not math.isfinite(hu_min + hu_max):
+            raise UserError(f"{run_dir}: config.json has damaged preprocessing options (shape, hu_min, hu_max)")
+        return cls.of_this_code(shape, (hu_min, hu_max))
+
+    def differences(self, recorded: dict) -> dict[str, tuple]:
+        """{option: (recorded value, this object's value)} for every option `recorded` (JSON) gives otherwise."""
+        return {name: (recorded.get(name), value) for name, value in self.to_json().items()
+                if recorded.get(name) != value}
+
+
+def plain_value(value):
+    """A JSON-able value: tuples and arrays become lists, NumPy scalars Python numbers."""
+    if isinstance(value, (tuple, list, np.ndarray)):
+        return [plain_value(item) for item in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,60 @@
+"""One scan through the per-scan transform, in a worker: a volume and its record, or one line saying why not.
+
+`process_source` is what every backend (local processes, threads, a Dask cluster) runs per
+scan. `describe_scan_failure` is the one ladder from an exception to that line; `predict`
+uses it too, so a scan that cannot be used is described the same way everywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from preprocess.cache.schema import ScanRecord
+from preprocess.preprocessing import Preprocessing
+from preprocess.sources import Source
+from preprocess.time_limits import ScanTimeout, time_limit
+from preprocess.volume import ScanError, preprocess_scan
+
+TIMEOUT_REASON = "took longer than"  # timed-out scans are retried by the next build, not remembered
+
+
+@dataclass
+class ScanOutcome:
+    """What a worker sends back for one scan: a volume and its record, or a reason."""
+
+    volume: np.ndarray | None = None
+    record: ScanRecord | None = None
+    reason: str | None = None
+    cannot_open: str | None = None  # the worker could not open the file at all (missing, no permission)
+
+
+def describe_scan_failure(error: Exception) -> str:
+    """Why a scan could not be used, in one line: the failure ladder of `build` and `predict`."""
+    if isinstance(error, ScanError):
+        return str(error)
+    if isinstance(error, MemoryError):
+        return "too large to load into memory"
+    return f"unreadable ({type(error).__name__}: {error})"  # a corrupt file can break nibabel or numpy in many ways
+
+
+def process_source(source: Source, preprocessing: Preprocessing, timeout_seconds: float) -> ScanOutcome:
+    """Preprocess one scan in a worker; any failure becomes a reason, never an exception."""
+    try:
+        with time_limit(timeout_seconds):
+            volume, info = preprocess_scan(
+                source.path, preprocessing.shape, preprocessing.hu_min, preprocessing.hu_max
+            )
+    except ScanTimeout:
+        return ScanOutcome(reason=f"{TIMEOUT_REASON} {timeout_seconds:g} s (--scan-timeout)")
+    except (FileNotFoundError, PermissionError) as error:  # gone since listed, or not on this worker's storage
+        return ScanOutcome(reason=describe_scan_failure(error), cannot_open=f"{type(error).__name__}: {error}")
+    except Exception as error:
+        return ScanOutcome(reason=describe_scan_failure(error))
+    record = ScanRecord(
+        scan_id=source.scan_id, label=source.label, class_name=source.class_name,
+        source_path=source.relative_path, source_sha256=info.sha256, source_size=source.size,
+        source_mtime_ns=source.mtime_ns, source_shape=info.source_shape,
+        source_spacing_mm=info.spacing_mm,
+    )
+    return ScanOutcome(volume=volume, record=record)
