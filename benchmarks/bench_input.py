@@ -3,7 +3,8 @@
     python benchmarks/bench_input.py CACHE [--samples 200] [--batch-size 2]
 
 Each pipeline runs in its own subprocess, so each peak RSS is that pipeline's alone (TensorFlow
-itself is a few hundred MiB of it). The tutorial's pipeline, reproduced from keras-io's
+itself is a few hundred MiB of it): the process's own high-water mark (VmHWM), with the same
+warm-up and timing loop for both (`train.bench.time_batches`). The tutorial's pipeline, reproduced from keras-io's
 3D image classification example: all training volumes in memory, `from_tensor_slices`,
 shuffle, a sequential `map` that rotates with `tf.numpy_function` + `scipy.ndimage.rotate`
 (reshape=False, angle from [-20, -10, -5, 5, 10, 20]) and clips to [0, 1], batch, prefetch(2).
@@ -15,11 +16,9 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WARMUP_BATCHES = 3
 TUTORIAL_ANGLES_DEGREES = [-20, -10, -5, 5, 10, 20]
 
 
@@ -30,7 +29,7 @@ def run_tutorial_pipeline(cache: Path, samples: int, batch_size: int, seed: int)
     from scipy import ndimage
 
     from preprocess.cache import CacheReader
-    from train.bench import InputBenchmark, format_benchmark, peak_rss_bytes
+    from train.bench import format_benchmark, time_batches
 
     with CacheReader(cache) as reader:
         rows = reader.split("train")
@@ -56,15 +55,7 @@ def run_tutorial_pipeline(cache: Path, samples: int, batch_size: int, seed: int)
 
     train_loader = tf.data.Dataset.from_tensor_slices((x_train, y_train))
     train_dataset = train_loader.shuffle(len(x_train)).map(train_preprocessing).batch(batch_size).prefetch(2)
-    batches = iter(train_dataset.repeat())
-    for _ in range(WARMUP_BATCHES):
-        next(batches)
-    counted, start = 0, time.perf_counter()
-    while counted < samples:
-        volumes, _ = next(batches)
-        counted += int(volumes.shape[0])
-    result = InputBenchmark(samples=counted, seconds=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes())
-    return format_benchmark(result)
+    return format_benchmark(time_batches(iter(train_dataset.repeat()), samples))  # the same timing as bench-input
 
 
 def run_in_subprocess(arguments: list[str]) -> str:

@@ -74,10 +74,10 @@ def peak_rss_of_build(raw: Path, out: Path) -> float:
     started from this (by then large) benchmark process would report this process's peak.
     """
     code = (
-        "import re; from pathlib import Path; "
+        "from pathlib import Path; "
         "from preprocess.build import BuildOptions, build_cache; "
         f"build_cache(BuildOptions(raw=Path({str(raw)!r}), out=Path({str(out)!r}), jobs=2, force=True, quiet=True)); "
-        "print(int(re.search(r'VmHWM:\\s+(\\d+) kB', Path('/proc/self/status').read_text()).group(1)) / 1024)"
+        "from common.processes import peak_rss_bytes; print(peak_rss_bytes() / 2**20)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])

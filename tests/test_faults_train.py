@@ -29,6 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 from conftest import ROOT, TINY_SHAPE  # noqa: E402
 from common.cli import EXIT_INTERRUPTED  # noqa: E402
+from preprocess.preprocessing import Preprocessing  # noqa: E402
 from preprocess.cache import CacheReader  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from train.__main__ import main  # noqa: E402
@@ -36,10 +37,10 @@ from common.files import read_json  # noqa: E402
 from train.fit import fit_model  # noqa: E402
 from train.rundir.models import load_trained_model  # noqa: E402
 from train.options import FitOptions  # noqa: E402
-from train.predict import run_preprocessing  # noqa: E402
 from train.rundir.layout import (  # noqa: E402
-    best_model_path, create_new_run_dir, locked_run_dir, open_run, read_history, read_state,
+    best_model_path, open_run, read_history, read_state,
 )
+from train.rundir.folders import create_new_run_dir, locked_run_dir  # noqa: E402
 
 EPOCHS = 4
 # the tool's own TensorFlow log level (train/__main__.py sets 2 unless told otherwise): what users see
@@ -351,7 +352,7 @@ def test_default_run_directories_never_collide(tmp_path):
 LOCK_HOLDER = """
 import sys
 from pathlib import Path
-from train.rundir.layout import locked_run_dir
+from train.rundir.folders import locked_run_dir
 with locked_run_dir(Path(sys.argv[1])):
     print("locked", flush=True)
     sys.stdin.read()
@@ -604,7 +605,7 @@ def test_fuzzed_run_files_are_read_or_refused_with_one_line(tmp_path, state, con
     (run_dir / "config.json").write_text(json.dumps(config))
     (run_dir / "history.csv").write_text(history)
     for read in (lambda: read_state(run_dir), lambda: read_history(run_dir / "history.csv"),
-                 lambda: open_run(run_dir), lambda: run_preprocessing(config, run_dir)):
+                 lambda: open_run(run_dir), lambda: Preprocessing.from_json(config.get("preprocessing"), run_dir)):
         try:
             read()
         except UserError as error:

@@ -127,61 +127,67 @@ def describe_recipe(values: dict) -> str:
 
 
 def add_fit_arguments(parser, run_dir_help: str, resume_help: str) -> None:
-    """The options `fit` and `cv` share: one flag per FitOptions field."""
+    """The options `fit` and `cv` share, one flag per FitOptions field, grouped as timm groups its
+    training flags: data, model, optimisation, execution. The recipe fills in those marked so."""
+    recipes = "; ".join(f"{name}: {describe_recipe(values)}" for name, values in RECIPES.items())
     parser.add_argument("cache", type=Path, metavar="CACHE", help="cache file from `python -m preprocess build`")
-    # "%(default).0s" prints nothing; it only stops the formatter from appending "(default: None)"
-    parser.add_argument("--run-dir", type=Path, default=DEFAULTS.run_dir, metavar="DIR", help=run_dir_help)
-    parser.add_argument("--task", choices=TASKS, default=DEFAULTS.task,
-                        help="binary: normal vs abnormal (the tutorial's); severity: softmax over the MosMedData "
-                        "grades CT-0 ... CT-4 present in the cache")
-    parser.add_argument("--epochs", type=whole_number("epochs"), default=DEFAULTS.epochs,
-                        help="maximum number of epochs")
-    parser.add_argument("--patience", type=whole_number("patience"), default=DEFAULTS.patience,
-                        help="stop after this many epochs without a better validation AUC")
-    parser.add_argument("--seed", type=whole_number("seed"), default=DEFAULTS.seed,
-                        help="seed of the initial weights, the data order and the augmentation (and of the folds)")
 
-    recipe = parser.add_argument_group(
-        "training recipe", "A recipe sets every option of this group that is not given: "
-        + "; ".join(f"{name}: {describe_recipe(values)}" for name, values in RECIPES.items())
+    data = parser.add_argument_group("data")
+    data.add_argument("--task", choices=TASKS, default=DEFAULTS.task,
+                      help="binary: normal vs abnormal (the tutorial's); severity: softmax over the MosMedData "
+                      "grades CT-0 ... CT-4 present in the cache")
+    data.add_argument("--batch-size", type=whole_number("batch_size"), default=DEFAULTS.batch_size,
+                      help="volumes per batch and replica (the global batch is this times the replicas)")
+    data.add_argument("--seed", type=whole_number("seed"), default=DEFAULTS.seed,
+                      help="seed of the initial weights, the data order and the augmentation (and of the folds)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--padding", choices=PADDINGS, default=DEFAULTS.padding,
+                       help="convolution padding: 'valid' (the tutorial's) needs >= 46 voxels per axis")
+    model.add_argument("--pooling", choices=POOLINGS, default=DEFAULTS.pooling,
+                       help="global pooling before the dense head (avgmax: both, concatenated); "
+                       "from the recipe%(default).0s")
+    model.add_argument("--bn-momentum", type=within(float, 0.0, 0.999999), default=DEFAULTS.bn_momentum,
+                       metavar="M", help="momentum of BatchNorm's moving statistics; from the recipe%(default).0s")
+
+    optimisation = parser.add_argument_group(
+        "optimisation", "A recipe sets every option marked 'from the recipe' that is not given: " + recipes
         + ". config.json records the resolved values.")
-    recipe.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULTS.recipe,
-                        help="precise: BatchNorm statistics re-estimated before every validation, warm-up and "
-                        "cosine decay, bfloat16 where native; tutorial: the Keras tutorial's training exactly")
-    recipe.add_argument("--lr", "--learning-rate", dest="learning_rate",
-                        type=within(positive_float, MIN_LEARNING_RATE, MAX_LEARNING_RATE),
-                        default=DEFAULTS.learning_rate, metavar="RATE",
-                        help="peak learning rate of Adam%(default).0s")
-    recipe.add_argument("--schedule", choices=SCHEDULES, default=DEFAULTS.schedule,
-                        help="learning-rate schedule: tutorial (x0.96 per 100k steps, which never acts in a run of "
-                        "this size), cosine (decays to 0 over --epochs)%(default).0s")
-    recipe.add_argument("--warmup-epochs", type=whole_number("warmup_epochs"), default=DEFAULTS.warmup_epochs,
-                        metavar="N", help="epochs of linear warm-up from 0 (cosine only; at most --epochs - 1)"
-                        "%(default).0s")
-    recipe.add_argument("--bn-momentum", type=within(float, 0.0, 0.999999), default=DEFAULTS.bn_momentum,
-                        metavar="M", help="momentum of BatchNorm's moving statistics%(default).0s")
-    recipe.add_argument("--precise-bn-scans", type=whole_number("precise_bn_scans"),
-                        default=DEFAULTS.precise_bn_scans, metavar="N",
-                        help="before every validation, re-estimate BatchNorm's statistics from this many training "
-                        "scans (PreciseBN); 0: never%(default).0s")
-    recipe.add_argument("--pooling", choices=POOLINGS, default=DEFAULTS.pooling,
-                        help="global pooling before the dense head (avgmax: both, concatenated)%(default).0s")
-    recipe.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision,
-                        help="Keras dtype policy (the output layer always computes in float32); auto: "
-                        "mixed_bfloat16 on a GPU of compute capability >= 8.0 or a CPU with AVX512_BF16 or AMX, "
-                        "else float32%(default).0s")
+    optimisation.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULTS.recipe,
+                              help="precise: BatchNorm statistics re-estimated before every validation, warm-up and "
+                              "cosine decay, bfloat16 where native; tutorial: the Keras tutorial's training exactly")
+    optimisation.add_argument("--epochs", type=whole_number("epochs"), default=DEFAULTS.epochs,
+                              help="maximum number of epochs")
+    optimisation.add_argument("--patience", type=whole_number("patience"), default=DEFAULTS.patience,
+                              help="stop after this many epochs without a better validation AUC")
+    optimisation.add_argument("--lr", "--learning-rate", dest="learning_rate",
+                              type=within(positive_float, MIN_LEARNING_RATE, MAX_LEARNING_RATE),
+                              default=DEFAULTS.learning_rate, metavar="RATE",
+                              help="peak learning rate of Adam; from the recipe%(default).0s")
+    optimisation.add_argument("--schedule", choices=SCHEDULES, default=DEFAULTS.schedule,
+                              help="learning-rate schedule: tutorial (x0.96 per 100k steps, which never acts in a run "
+                              "of this size), cosine (decays to 0 over --epochs); from the recipe%(default).0s")
+    optimisation.add_argument("--warmup-epochs", type=whole_number("warmup_epochs"), default=DEFAULTS.warmup_epochs,
+                              metavar="N", help="epochs of linear warm-up from 0 (cosine only; at most --epochs - 1); "
+                              "from the recipe%(default).0s")
+    optimisation.add_argument("--precise-bn-scans", type=whole_number("precise_bn_scans"),
+                              default=DEFAULTS.precise_bn_scans, metavar="N",
+                              help="before every validation, re-estimate BatchNorm's statistics from this many "
+                              "training scans (PreciseBN); 0: never; from the recipe%(default).0s")
 
     execution = parser.add_argument_group("execution")
-    execution.add_argument("--batch-size", type=whole_number("batch_size"), default=DEFAULTS.batch_size,
-                           help="volumes per batch and replica (the global batch is this times the replicas)")
-    execution.add_argument("--padding", choices=PADDINGS, default=DEFAULTS.padding,
-                           help="convolution padding: 'valid' (the tutorial's) needs >= 46 voxels per axis")
+    # "%(default).0s" prints nothing; it only stops the formatter from appending "(default: None)"
+    execution.add_argument("--run-dir", type=Path, default=DEFAULTS.run_dir, metavar="DIR", help=run_dir_help)
+    execution.add_argument("--resume", action="store_true", help=resume_help)
+    execution.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision,
+                           help="Keras dtype policy (the output layer always computes in float32); auto: "
+                           "mixed_bfloat16 on a GPU of compute capability >= 8.0 or a CPU with AVX512_BF16 or AMX, "
+                           "else float32; from the recipe%(default).0s")
     execution.add_argument("--strategy", choices=STRATEGIES, default=DEFAULTS.strategy,
                            help="tf.distribute strategy: mirrored (one replica per local GPU), multiworker (processes "
                            "or machines named by TF_CONFIG; needs --run-dir), default (one device), auto (mirrored "
                            "with more than one GPU, else default)")
-    parser.add_argument("--resume", action="store_true", help=resume_help)
-    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines; only warnings and errors")
+    execution.add_argument("--quiet", action="store_true", help="no per-epoch lines; only warnings and errors")
 
 
 def fit_options_of(arguments) -> FitOptions:
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_fit(arguments) -> int | None:
-    from train.fit import fit_model
+    from train.fit import fit_model, format_report
 
     try:
         report = fit_model(fit_options_of(arguments))
@@ -217,19 +223,7 @@ def run_fit(arguments) -> int | None:
         print(f"{PROG}: interrupted; the run keeps its last completed epoch: continue it with --resume",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    if not report.is_chief:
-        print(f"worker done: {report.state.completed_epochs} epochs; the chief wrote the run to {report.run_dir}")
-        return None
-    from train.evaluate import format_number as number
-
-    test = report.test_metrics
-    if test.get("task") == "severity":
-        result = (f"test macro AUC {number(test.get('macro_auc'))}, quadratic weighted kappa "
-                  f"{number(test.get('quadratic_weighted_kappa'))}, accuracy {number(test.get('accuracy'))}")
-    else:
-        result = f"test AUC {number(test.get('auc'))}, accuracy {number(test.get('accuracy'))}"
-    print(f"run saved in {report.run_dir}: {report.state.completed_epochs} epochs, best val AUC "
-          f"{report.state.best_val_auc:.4f} at epoch {report.state.best_epoch}; {result} on {test.get('scans')} scans")
+    print(format_report(report))
 
 
 def run_cv(arguments) -> int | None:

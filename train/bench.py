@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import logging
-import resource
-import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from preprocess.cache import CacheReader
 from common.errors import UserError
+from common.processes import peak_rss_bytes
 from train.loop.native_logs import load_tensorflow
 from train.options import MAX_BENCH_SAMPLES, WHOLE_NUMBER_RANGES
 
@@ -27,12 +27,6 @@ class InputBenchmark:
     @property
     def samples_per_second(self) -> float:
         return self.samples / self.seconds
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def benchmark_input(cache: Path, samples: int = 200, batch_size: int = 2, seed: int = 0) -> InputBenchmark:
@@ -54,15 +48,19 @@ def benchmark_input(cache: Path, samples: int = 200, batch_size: int = 2, seed: 
         epochs = -(-(samples + WARMUP_BATCHES * batch_size) // len(rows)) + 1
         dataset = make_training_dataset(reader, rows, labels, batch_size, seed, epochs=epochs)
         with reporting_read_failures():
-            batches = iter(dataset)
-            for _ in range(WARMUP_BATCHES):
-                next(batches)
-            counted = 0
-            start = time.perf_counter()
-            while counted < samples:
-                volumes, *_ = next(batches)
-                counted += int(volumes.shape[0])
-            seconds = time.perf_counter() - start
+            return time_batches(iter(dataset), samples)
+
+
+def time_batches(batches: Iterator, samples: int) -> InputBenchmark:
+    """Time `samples` samples of `batches` (a batch's first element holds them), after WARMUP_BATCHES batches."""
+    for _ in range(WARMUP_BATCHES):
+        next(batches)
+    counted = 0
+    start = time.perf_counter()
+    while counted < samples:
+        volumes, *_ = next(batches)
+        counted += int(volumes.shape[0])
+    seconds = time.perf_counter() - start
     return InputBenchmark(samples=counted, seconds=seconds, peak_rss_bytes=peak_rss_bytes())
 
 

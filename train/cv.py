@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,25 +21,21 @@ import numpy as np
 from preprocess.cache import CacheReader
 from common.errors import UserError
 from common.files import write_json_atomically
+from train.network.tasks import HEADLINE_METRICS
 from train.options import FitOptions, check_fit_options, resolve_recipe
-from train.rundir.layout import CONFIG, create_new_run_dir, make_run_dir
+from train.rundir.folders import prepare_output_dir
+from train.rundir.layout import CONFIG
 
 log = logging.getLogger(__name__)
 
 SUMMARY = "cv_summary.json"
 MAX_FOLDS = 100
-BINARY_METRICS = ("auc", "accuracy", "sensitivity", "specificity")
-SEVERITY_METRICS = ("macro_auc", "accuracy", "quadratic_weighted_kappa")
 
 
 @dataclass(frozen=True)
 class CrossValidationReport:
     run_dir: Path
     summary: dict
-
-
-def default_cv_dir(now: float | None = None) -> Path:
-    return Path("runs") / time.strftime("%Y%m%d-%H%M%S-cv", time.localtime(now))
 
 
 def fold_dir(run_dir: Path, fold: int) -> Path:
@@ -84,25 +79,20 @@ def cross_validate(options: FitOptions, folds: int) -> CrossValidationReport:
 
 def prepare_cv_dir(options: FitOptions) -> Path:
     """The folder for the folds: new, or (with --resume) one a cv started."""
-    if options.run_dir is None:
-        if options.resume:
-            raise UserError("--resume needs --run-dir: the cross-validation folder to continue")
-        return create_new_run_dir(default_cv_dir())
-    run_dir = Path(options.run_dir)
-    if run_dir.is_dir() and not options.resume:
-        others = sorted(path.name for path in run_dir.iterdir())
-        if others:
-            raise UserError(f"--run-dir {run_dir} is not empty ({', '.join(others[:3])}); choose a new folder, "
-                            "or add --resume to continue a cross-validation")
-    if options.resume and not run_dir.is_dir():
-        raise UserError(f"--resume: {run_dir} holds no cross-validation to continue")
-    make_run_dir(run_dir)
-    return run_dir
+    return prepare_output_dir(options.run_dir, options.resume, "cross-validation folder",
+                              "cross-validation to continue", Path.is_dir, check_new_cv_dir, suffix="-cv")
+
+
+def check_new_cv_dir(run_dir: Path) -> None:
+    others = sorted(path.name for path in run_dir.iterdir())
+    if others:
+        raise UserError(f"--run-dir {run_dir} is not empty ({', '.join(others[:3])}); choose a new folder, "
+                        "or add --resume to continue a cross-validation")
 
 
 def summarize_folds(options: FitOptions, run_dir: Path, fold_reports: list[dict]) -> dict:
     """Mean ± standard deviation over the folds' validation reports."""
-    names = BINARY_METRICS if options.task == "binary" else SEVERITY_METRICS
+    names = HEADLINE_METRICS[options.task]["headline"]
     return {
         "folds": len(fold_reports),
         "task": options.task,
@@ -116,9 +106,9 @@ def summarize_folds(options: FitOptions, run_dir: Path, fold_reports: list[dict]
 
 def evaluate_ensemble_on_test(options: FitOptions, run_dirs: list[Path]) -> dict:
     """The test report of the folds' best models, their probabilities averaged: the one look at the test split."""
-    from train.evaluate import predict_split, report_from_probabilities
+    from train.evaluate import evaluate_rows
+    from train.network.tasks import make_task
     from train.rundir.models import load_best_model
-    from train.network.tasks import class_indices, make_task
 
     with CacheReader(options.cache) as reader:
         task = make_task(options.task, reader)
@@ -126,10 +116,9 @@ def evaluate_ensemble_on_test(options: FitOptions, run_dirs: list[Path]) -> dict
         if len(rows) == 0:
             log.warning("the test split of %s is empty: no test report", options.cache)
             return {"split": "test", "scans": 0}
-        probabilities = np.mean([predict_split(load_best_model(run_dir), reader, rows) for run_dir in run_dirs],
-                                axis=0)
-        report = report_from_probabilities(task, class_indices(task, reader, rows), probabilities)
-    return {"split": "test", "model": f"mean of the {len(run_dirs)} fold models' probabilities", **report}
+        models = (load_best_model(run_dir) for run_dir in run_dirs)  # loaded one at a time
+        report = evaluate_rows(models, reader, rows, task, "test")
+    return {**report, "model": f"mean of the {len(run_dirs)} fold models' probabilities"}
 
 
 def format_summary(report: CrossValidationReport) -> str:
@@ -144,7 +133,7 @@ def format_summary(report: CrossValidationReport) -> str:
         lines.append(f"{name:<26}{number(values['mean']):>8}  {number(values['std']):>7}   {per_fold}")
     test = summary["test"]
     if test.get("scans"):
-        headline = BINARY_METRICS if summary["task"] == "binary" else SEVERITY_METRICS
+        headline = HEADLINE_METRICS[summary["task"]]["headline"]
         lines.append(f"test split ({test['scans']} scans), {test['model']}: "
                      + ", ".join(f"{name} {number(test[name])}" for name in headline))
     lines.append(f"written to {report.run_dir / SUMMARY}")

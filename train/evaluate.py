@@ -1,14 +1,12 @@
 """`evaluate`: a run's best model on one split of a cache, and the checks that make that valid."""
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from preprocess.cache import CacheReader, Preprocessing
+from preprocess.cache import CacheReader
 from common.errors import UserError
 from train.loop.native_logs import load_tensorflow
 from train.rundir.layout import ROC_CURVE, open_run
@@ -19,17 +17,10 @@ log = logging.getLogger(__name__)
 EVALUATION_BATCH_SIZE = 2
 
 
-def preprocessing_as_json(preprocessing: Preprocessing) -> dict:
-    """Plain JSON values (tuples become lists), as config.json stores them."""
-    return json.loads(json.dumps(asdict(preprocessing)))
-
-
 def check_same_preprocessing(config: dict, reader: CacheReader, run_dir: Path) -> None:
     """Refuse a cache whose volumes were made differently from the run's training cache."""
-    trained = config.get("preprocessing") or {}
-    current = preprocessing_as_json(reader.preprocessing)
-    differences = [f"{name} {trained.get(name)!r} in the run, {value!r} in the cache"
-                   for name, value in current.items() if trained.get(name) != value]
+    differences = [f"{name} {trained!r} in the run, {value!r} in the cache"
+                   for name, (trained, value) in reader.preprocessing.differences(config.get("preprocessing") or {}).items()]
     if differences:
         raise UserError(f"{reader.path} was preprocessed differently from the cache {run_dir} was trained on "
                         f"({'; '.join(differences)}); rebuild it with the run's options")
@@ -59,17 +50,21 @@ def report_from_probabilities(task: Task, classes: np.ndarray, probabilities: np
     return compute_severity_report(classes, probabilities, task.class_names, task.grade_numbers)
 
 
-def evaluate_rows(model, reader: CacheReader, rows: np.ndarray, task: Task, name: str,
+def evaluate_rows(models, reader: CacheReader, rows: np.ndarray, task: Task, name: str,
                   roc_path: Path | None = None) -> dict:
-    """The report (see `train.network.scores`) of `model` on some rows of the cache, labelled `name`;
-    with `roc_path`, also a PNG of the ROC curve there (a file that cannot be written is a warning)."""
+    """The report (see `train.network.scores`) of a model on some rows of the cache, labelled `name`;
+    with `roc_path`, also a PNG of the ROC curve there (a file that cannot be written is a warning).
+
+    `models` is one model, or several (an ensemble: `cv`'s fold models) whose probabilities are averaged.
+    """
     from common.files import WriteError
     from train.network.scores import DECISION_THRESHOLD
     from train.rundir.plots import save_roc_curve
 
     if len(rows) == 0:
         log.warning("the %s rows of %s are none; their metrics are undefined", name, reader.path)
-    probabilities = predict_split(model, reader, rows)
+    models = [models] if hasattr(models, "predict") else models
+    probabilities = np.mean([predict_split(model, reader, rows) for model in models], axis=0)
     classes = class_indices(task, reader, rows)
     if roc_path is not None and len(rows):
         try:

@@ -21,17 +21,16 @@ from preprocess.cache import CacheReader
 from common.errors import UserError
 from train.network.architecture import check_input_shape
 from train.loop.distribute import ClusterRole, read_cluster_role
-from train.evaluate import preprocessing_as_json
 from train.loop.native_logs import load_tensorflow
 from train.options import FitOptions, changed_options, check_fit_options, resolve_recipe
 from common.files import read_json, write_json_atomically
+from train.rundir.folders import check_new_run_dir, locked_run_dir, prepare_output_dir
 from train.rundir.layout import (
-    CONFIG, CURVES, HISTORY, METRICS, ROC_CURVE, STATE, TrainingState, create_new_run_dir, default_run_dir, is_own_file,
-    locked_run_dir, make_run_dir, read_history, read_state, remove_other_models, remove_stale_temporaries,
-    write_history,
+    CONFIG, CURVES, HISTORY, METRICS, ROC_CURVE, STATE, TrainingState, read_history, read_state, remove_other_models,
+    remove_stale_temporaries, write_history,
 )
 from train.pipeline.folds import rows_and_classes
-from train.network.tasks import compute_class_weights, make_task, task_from_config
+from train.network.tasks import HEADLINE_METRICS, METRIC_LABELS, compute_class_weights, make_task, task_from_config
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +99,8 @@ def resolve_auto_precision(options: FitOptions) -> FitOptions:
 
 def prepare_run_dir(options: FitOptions) -> Path:
     """The run directory to write, created if needed; refuses a folder that cannot take this run."""
-    if options.run_dir is None:
-        return create_new_run_dir(default_run_dir())
-    run_dir = Path(options.run_dir)
-    if options.resume and not (run_dir / CONFIG).is_file():
-        raise UserError(f"--resume: {run_dir} holds no run to continue (no {CONFIG})")
-    if not options.resume and run_dir.is_dir():
-        check_new_run_dir(run_dir)  # before the lock file: a folder that is not ours is not touched
-    make_run_dir(run_dir)
-    return run_dir
+    return prepare_output_dir(options.run_dir, options.resume, "run directory", f"run to continue (no {CONFIG})",
+                              lambda run_dir: (run_dir / CONFIG).is_file(), check_new_run_dir)
 
 
 def start_strategy(options: FitOptions):
@@ -177,16 +169,6 @@ def create_run(run_dir: Path, options: FitOptions, reader: CacheReader) -> tuple
     return TrainingState(), []
 
 
-def check_new_run_dir(run_dir: Path) -> None:
-    """Refuse a folder that holds a run (that needs --resume) or anything else but our own lock and temporaries."""
-    if (run_dir / CONFIG).exists() or (run_dir / STATE).exists():
-        raise UserError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --run-dir")
-    others = sorted(path.name for path in run_dir.iterdir() if not is_own_file(path.name))
-    if others:
-        listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        raise UserError(f"--run-dir {run_dir} is not empty ({listed}) and holds no run; choose a new or empty folder")
-
-
 def reopen_run(run_dir: Path, options: FitOptions, reader: CacheReader) -> tuple[TrainingState, list[dict]]:
     """The committed state and history of an interrupted run (call with the lock held), after checking it
     matches `options`; whatever a killed process left beyond the last commit is removed."""
@@ -230,7 +212,7 @@ def make_config(options: FitOptions, reader: CacheReader) -> dict:
         splits.update(train=int(len(train_rows)), val=int(len(val_rows)), test=0)
     return {
         "options": options.to_json(),
-        "preprocessing": preprocessing_as_json(reader.preprocessing),
+        "preprocessing": reader.preprocessing.to_json(),
         "cache": {"path": str(options.cache), "fingerprint": reader.fingerprint, "attributes": reader.attributes},
         "input_shape": list(reader.shape),
         "class_names": list(task.class_names),
@@ -281,6 +263,19 @@ def finish_run(run_dir: Path, reader: CacheReader, state: TrainingState, options
     metrics = {"model": state.best_model, "best_epoch": state.best_epoch, "best_val_auc": state.best_val_auc,
                "cache_fingerprint": reader.fingerprint, **report}
     write_json_atomically(metrics_path, metrics)
-    headline = ("accuracy", "auc") if task.is_binary else ("accuracy", "macro_auc", "quadratic_weighted_kappa")
-    log.info("%s split of %s: %s", report["split"], reader.path, json.dumps({k: metrics[k] for k in headline}))
+    log.info("%s split of %s: %s", report["split"], reader.path,
+             json.dumps({name: metrics[name] for name in task.summary_metrics}, sort_keys=True))
     return FitReport(run_dir, state, metrics)
+
+
+def format_report(report: FitReport) -> str:
+    """What `fit` prints when it is done: where the run is, its best epoch and its test result in one line."""
+    from train.evaluate import format_number as number
+
+    if not report.is_chief:
+        return f"worker done: {report.state.completed_epochs} epochs; the chief wrote the run to {report.run_dir}"
+    test = report.test_metrics
+    names = HEADLINE_METRICS["severity" if test.get("task") == "severity" else "binary"]["summary"]
+    result = "test " + ", ".join(f"{METRIC_LABELS.get(name, name)} {number(test.get(name))}" for name in names)
+    return (f"run saved in {report.run_dir}: {report.state.completed_epochs} epochs, best val AUC "
+            f"{report.state.best_val_auc:.4f} at epoch {report.state.best_epoch}; {result} on {test.get('scans')} scans")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -22,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import UserError
-from preprocess.volume import CANONICAL_ORIENTATION, RESAMPLE_METHOD, ScanError, preprocess_scan
+from preprocess.preprocessing import Preprocessing
+from preprocess.scans import describe_scan_failure
+from preprocess.volume import preprocess_scan
 from train.loop.native_logs import load_tensorflow
 from train.network.scores import DECISION_THRESHOLD as THRESHOLD
 from train.rundir.layout import open_run
@@ -31,7 +32,6 @@ from train.network.tasks import task_from_config
 log = logging.getLogger(__name__)
 
 CLASS_NAMES = ("normal", "abnormal")
-MAX_VOLUME_SIDE = 4096  # voxels along one axis of a preprocessed volume; more is a damaged config
 
 
 @dataclass(frozen=True)
@@ -63,27 +63,6 @@ class Prediction:
         return 100.0 * (probability if probability >= THRESHOLD else 1.0 - probability)
 
 
-def run_preprocessing(config: dict, run_dir: Path) -> tuple[tuple[int, int, int], float, float]:
-    """The (shape, hu_min, hu_max) the run was trained with, after checking this code makes the same volumes."""
-    preprocessing = config.get("preprocessing")
-    if not isinstance(preprocessing, dict) or not {"shape", "hu_min", "hu_max"} <= preprocessing.keys():
-        raise UserError(f"{run_dir}: config.json has no preprocessing options")
-    current = {"resample_method": RESAMPLE_METHOD, "orientation": "".join(CANONICAL_ORIENTATION)}
-    for name, value in current.items():
-        if preprocessing.get(name) != value:
-            raise UserError(f"{run_dir} was trained on volumes made with {name} {preprocessing.get(name)!r}; "
-                            f"this version of preprocess makes {value!r}")
-    try:
-        shape = tuple(int(n) for n in preprocessing["shape"])
-        hu_min, hu_max = float(preprocessing["hu_min"]), float(preprocessing["hu_max"])
-    except (TypeError, ValueError, OverflowError):
-        shape, hu_min, hu_max = (), math.nan, math.nan
-    if len(shape) != 3 or not all(1 <= n <= MAX_VOLUME_SIDE for n in shape) or not hu_min < hu_max \
-            or not math.isfinite(hu_min + hu_max):
-        raise UserError(f"{run_dir}: config.json has damaged preprocessing options (shape, hu_min, hu_max)")
-    return shape, hu_min, hu_max
-
-
 def predict_scans(run_dir: Path, scans: list[Path], explain_dir: Path | None = None) -> list[Prediction]:
     """The model's probabilities for every scan, in order; a scan that cannot be used gets an error instead.
 
@@ -92,7 +71,8 @@ def predict_scans(run_dir: Path, scans: list[Path], explain_dir: Path | None = N
     run_dir = Path(run_dir)
     config = open_run(run_dir)
     task = task_from_config(config)
-    shape, hu_min, hu_max = run_preprocessing(config, run_dir)
+    preprocessing = Preprocessing.from_json(config.get("preprocessing"), run_dir)
+    shape = preprocessing.shape
     if explain_dir is not None:
         make_explain_dir(Path(explain_dir))
     load_tensorflow()  # only once the run is valid: bad input is refused in a second
@@ -106,15 +86,9 @@ def predict_scans(run_dir: Path, scans: list[Path], explain_dir: Path | None = N
     predictions = []
     for scan in scans:
         try:
-            volume, _ = preprocess_scan(Path(scan), shape, hu_min, hu_max)
-        except (ScanError, OSError) as error:
-            predictions.append(Prediction(str(scan), error=_describe(error)))
-            continue
-        except MemoryError:
-            predictions.append(Prediction(str(scan), error="too large to load into memory"))
-            continue
-        except Exception as error:  # a corrupt file can break nibabel or numpy in many ways
-            predictions.append(Prediction(str(scan), error=f"unreadable ({type(error).__name__}: {error})"))
+            volume, _ = preprocess_scan(Path(scan), shape, preprocessing.hu_min, preprocessing.hu_max)
+        except Exception as error:  # the scan's fault, said as `build` says it
+            predictions.append(Prediction(str(scan), error=describe_scan_failure(error)))
             continue
         probabilities = np.asarray(model(volume[None, ..., None], training=False)).reshape(-1)
         if task.is_binary:
@@ -149,12 +123,6 @@ def explain_scan(model, volume: np.ndarray, prediction: Prediction, task, folder
     title = (f"{Path(prediction.scan).name}: Grad-CAM for '{explained}' "
              f"(predicted {prediction.predicted_class}, {prediction.confidence_percent:.1f}%)")
     return save_explanation(volume, heat_map, folder / f"{name}_gradcam.png", title)
-
-
-def _describe(error: Exception) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror.lower()
-    return str(error)
 
 
 def describe_prediction(prediction: Prediction) -> str:

@@ -20,6 +20,15 @@ from preprocess.cache import CacheReader
 from common.errors import UserError
 
 TASKS = ("binary", "severity")
+# Each task's headline metrics (keys of its report), in one place. `headline`: what `cv` averages
+# over folds and reports on the test split, the task's AUC (which `runs` shows) first. `summary`:
+# the few in `fit`'s one-line result, in the order it prints them.
+HEADLINE_METRICS = {
+    "binary": {"headline": ("auc", "accuracy", "sensitivity", "specificity"), "summary": ("auc", "accuracy")},
+    "severity": {"headline": ("macro_auc", "accuracy", "quadratic_weighted_kappa"),
+                 "summary": ("macro_auc", "quadratic_weighted_kappa", "accuracy")},
+}
+METRIC_LABELS = {"auc": "AUC", "macro_auc": "macro AUC", "quadratic_weighted_kappa": "quadratic weighted kappa"}
 BINARY_CLASS_NAMES = ("normal", "abnormal")
 GRADE_PATTERN = re.compile(r"CT-(\d+)")
 
@@ -41,6 +50,14 @@ class Task:
     def output_units(self) -> int:
         """1 (a sigmoid) for binary, one softmax unit per grade for severity."""
         return 1 if self.is_binary else self.classes
+
+    @property
+    def headline_metrics(self) -> tuple[str, ...]:
+        return HEADLINE_METRICS[self.name]["headline"]
+
+    @property
+    def summary_metrics(self) -> tuple[str, ...]:
+        return HEADLINE_METRICS[self.name]["summary"]
 
     @property
     def grade_numbers(self) -> tuple[int, ...]:

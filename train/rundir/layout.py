@@ -14,20 +14,15 @@ Layout:
                        names of the two model files above (named by epoch, so a file that
                        state.json names is never overwritten in place)
     training_curves.png, metrics.json (test split, best model), tensorboard/
-    .lock              held by the `fit` that is writing the run (flock, released when it exits)
+    .lock              held by the `fit` that is writing the run (`train.rundir.folders`)
 """
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 import logging
 import math
-import os
 import re
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -73,72 +68,6 @@ def remove_stale_temporaries(run_dir: Path) -> None:
     """Delete temporary files a killed process left in the run directory (call with the lock held)."""
     for candidate in Path(run_dir).glob(f".*{TEMP_MARKER}*"):
         candidate.unlink(missing_ok=True)
-
-
-# -- the lock and the folder ------------------------------------------------------------------
-@contextmanager
-def locked_run_dir(run_dir: Path) -> Iterator[None]:
-    """Hold the run directory for one `fit`: a second writer is refused instead of interleaving.
-
-    flock is released by the kernel when the process ends, however it ends (SIGKILL included),
-    so a killed run never leaves a lock behind.
-    """
-    path = Path(run_dir) / LOCK
-    try:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as error:
-        raise UserError(f"cannot use --run-dir {run_dir} ({error.strerror})") from None
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise UserError(f"{run_dir} is in use by another `python -m train fit` (pid {holder}); "
-                            "wait for it to finish, or choose another --run-dir") from None
-        with suppress(OSError):  # the pid is only for the message above; a full disk may refuse it
-            os.ftruncate(descriptor, 0)
-            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(descriptor)
-
-
-def default_run_dir(now: float | None = None) -> Path:
-    """runs/<local timestamp>, e.g. runs/20250131-142501."""
-    return Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-
-
-def create_new_run_dir(base: Path, attempts: int = 1000) -> Path:
-    """Create `base`, or base-2, base-3...: two fits started in the same second get two folders."""
-    for attempt in range(1, attempts + 1):
-        candidate = base if attempt == 1 else base.with_name(f"{base.name}-{attempt}")
-        try:
-            candidate.mkdir(parents=True)
-        except FileExistsError:
-            continue
-        except OSError as error:
-            raise UserError(f"cannot create the run directory {candidate} ({error.strerror})") from None
-        return candidate
-    raise UserError(f"cannot create a new run directory beside {base}: {attempts} exist; pass --run-dir")
-
-
-def make_run_dir(run_dir: Path) -> None:
-    """mkdir -p, as most tools do; a file in the way (the folder itself or a parent) is refused."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--run-dir {run_dir} is a file, not a folder")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        blocker = next((parent for parent in run_dir.parents if parent.exists()), None)
-        if blocker is not None and not blocker.is_dir():
-            raise UserError(f"cannot create --run-dir {run_dir}: {blocker} is a file, not a folder") from None
-        raise UserError(f"cannot create --run-dir {run_dir} ({error.strerror})") from None
-
-
-def is_own_file(name: str) -> bool:
-    """The lock, and temporary files of killed processes: what a run directory may hold before config.json."""
-    return name == LOCK or (name.startswith(".") and TEMP_MARKER in name)
 
 
 # -- history ---------------------------------------------------------------------------------
