@@ -12,7 +12,8 @@ from preprocess.cache import CacheReader
 from common.errors import UserError
 from common.files import write_json_atomically
 from train.rundir.layout import TrainingState, best_model_name, last_model_name, write_state
-from train.rundir.listing import COLUMNS, format_runs_table, list_runs, runs_as_json, sort_runs
+from train.rundir.listing import COLUMNS, list_runs, sort_runs
+from train.rundir.table import format_runs_table, runs_as_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_A = "a" * 64

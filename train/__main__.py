@@ -239,7 +239,8 @@ def run_cv(arguments) -> int | None:
 
 
 def run_runs(arguments) -> None:
-    from train.rundir.listing import DESCENDING_BY_DEFAULT, format_runs_table, list_runs, runs_as_json, sort_runs
+    from train.rundir.listing import DESCENDING_BY_DEFAULT, list_runs, sort_runs
+    from train.rundir.table import format_runs_table, runs_as_json
 
     descending = arguments.sort in DESCENDING_BY_DEFAULT
     runs = sort_runs(list_runs(arguments.root, arguments.cache), arguments.sort,

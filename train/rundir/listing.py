@@ -12,13 +12,14 @@ import logging
 import math
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-from preprocess.cache import CacheReader
 from common.errors import UserError
 from common.files import read_json
+from preprocess.cache import CacheReader
+from train.network.tasks import HEADLINE_METRICS
 from train.rundir.layout import CONFIG, METRICS, read_state
 
 log = logging.getLogger(__name__)
@@ -27,10 +28,7 @@ COLUMNS = ("run", "date", "status", "cache", "task", "recipe", "epochs", "batch"
            "val_auc", "test_auc", "test_acc", "kappa")
 DESCENDING_BY_DEFAULT = ("date", "val_auc", "test_auc", "test_acc", "kappa")  # best or newest first
 OPTIONAL_COLUMNS = ("strategy", "kappa")  # left out of the table when no run has a value
-SHORT_FINGERPRINT = 8
-MARKER = "*"
 DATE_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-NO_RUNS = "no runs found (a run is a folder holding config.json, written by `python -m train fit`)"
 
 
 @dataclass(frozen=True)
@@ -147,7 +145,7 @@ def _config_values(config: dict) -> dict:
         raise UserError(f"{CONFIG}: damaged (no 'options' or 'cache' object)")
     created = _text(config.get("created_utc"))
     return {
-        "created_utc": created if created and _parse_date(created) else None,
+        "created_utc": created if created and parse_date(created) else None,
         "cache_path": _text(cache.get("path")),
         "cache_fingerprint": _text(cache.get("fingerprint")),
         "task": _text(options.get("task", "binary")),
@@ -162,7 +160,8 @@ def _config_values(config: dict) -> dict:
 
 
 def _test_values(metrics: dict, task: str | None) -> dict:
-    auc_names = ("macro_auc", "auc") if task == "severity" else ("auc", "macro_auc")
+    own_auc = HEADLINE_METRICS["severity" if task == "severity" else "binary"]["headline"][0]
+    auc_names = sorted(("auc", "macro_auc"), key=lambda name: name != own_auc)  # its own first
     return {
         "test_auc": next((_real(metrics[key]) for key in auc_names if key in metrics), None),
         "test_accuracy": _real(metrics.get("accuracy")),
@@ -185,7 +184,7 @@ def _text(value) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _parse_date(text: str) -> datetime | None:
+def parse_date(text: str) -> datetime | None:
     try:
         return datetime.strptime(text, DATE_FORMAT)
     except ValueError:
@@ -223,78 +222,3 @@ def sort_runs(runs: list[RunSummary], column: str, descending: bool | None = Non
     present = [run for run in runs if key(run) is not None]
     missing = [run for run in runs if key(run) is None]
     return sorted(present, key=key, reverse=descending) + missing  # stable: ties keep their order
-
-
-# -- output -------------------------------------------------------------------------------------
-def format_runs_table(runs: list[RunSummary], reference_fingerprint: str | None) -> str:
-    """An aligned table, one row per run, and footer lines on the cache marker and damaged runs.
-
-    `reference_fingerprint` None: the reference `list_runs` chose.
-    """
-    if not runs:
-        return NO_RUNS
-    if reference_fingerprint is None:
-        reference_fingerprint = runs[0].reference_fingerprint
-    runs = [replace(run, reference_fingerprint=reference_fingerprint) for run in runs]
-    cells = [_row_cells(run) for run in runs]
-    columns = [column for column in COLUMNS
-               if column not in OPTIONAL_COLUMNS or any(row[column] not in ("", "-") for row in cells)]
-    widths = {column: max(len(column), *(len(row[column]) for row in cells)) for column in columns}
-    lines = ["  ".join(column.ljust(widths[column]) for column in columns).rstrip()]
-    lines += ["  ".join(row[column].ljust(widths[column]) for column in columns).rstrip() for row in cells]
-    lines.append("")
-    lines += _footer(runs, reference_fingerprint)
-    return "\n".join(lines)
-
-
-def _row_cells(run: RunSummary) -> dict[str, str]:
-    number = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
-    plain = lambda value: "-" if value is None else str(value)  # noqa: E731
-    date = _parse_date(run.created_utc) if run.created_utc else None
-    epochs = f"{plain(run.completed_epochs)}/{plain(run.max_epochs)}"
-    return {
-        "run": run.name,
-        "date": date.strftime("%Y-%m-%d %H:%M") if date else "-",
-        "status": run.status,
-        "cache": (run.cache_fingerprint[:SHORT_FINGERPRINT] + (MARKER if run.other_cache else ""))
-        if run.cache_fingerprint else "-",
-        "task": plain(run.task),
-        "recipe": plain(run.recipe),
-        "epochs": "-" if epochs == "-/-" else epochs,
-        "batch": plain(run.batch_size),
-        "lr": "-" if run.learning_rate is None else format_learning_rate(run.learning_rate),
-        "padding": plain(run.padding),
-        "seed": plain(run.seed),
-        "strategy": plain(run.strategy),
-        "val_auc": number(run.best_val_auc),
-        "test_auc": number(run.test_auc),
-        "test_acc": number(run.test_accuracy),
-        "kappa": "" if run.task == "binary" else number(run.test_kappa),
-    }
-
-
-def format_learning_rate(rate: float) -> str:
-    """The shortest exponent form that reads back as the same number: 1e-04, 2.5e-04."""
-    for digits in range(4):
-        text = f"{rate:.{digits}e}"
-        if float(text) == rate:
-            return text
-    return f"{rate:.3e}"
-
-
-def _footer(runs: list[RunSummary], reference_fingerprint: str | None) -> list[str]:
-    short = (reference_fingerprint or "")[:SHORT_FINGERPRINT]
-    if any(run.other_cache for run in runs):
-        lines = [f"{MARKER} trained on another cache than the reference ({short}): "
-                 "do not compare its numbers with the others"]
-    elif reference_fingerprint is not None:
-        lines = [f"every run with a known cache was trained on the reference cache ({short})"]
-    else:
-        lines = ["no run records its cache fingerprint"]
-    lines += [f"damaged: {run.name}: {run.problem}" for run in runs if run.status == "damaged"]
-    return lines
-
-
-def runs_as_json(runs: list[RunSummary]) -> list[dict]:
-    """The runs as JSON-able dicts: every field (full fingerprints) and whether the cache differs."""
-    return [{**asdict(run), "path": str(run.path), "other_cache": run.other_cache} for run in runs]
