@@ -101,6 +101,21 @@ def link_or_copy_atomically(source: Path, path: Path) -> Path:
     return replace_atomically(path, write)
 
 
+def make_folder(folder: Path, flag: str) -> Path:
+    """mkdir -p for a folder the user named with `flag`; a file in the way (the folder itself or a parent) is refused."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocker = next((parent for parent in folder.parents if parent.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise UserError(f"cannot create {flag} {folder}: {blocker} is a file, not a folder") from None
+        raise UserError(f"cannot create {flag} {folder} ({error.strerror})") from None
+    return folder
+
+
 def write_text_atomically(path: Path, text: str) -> Path:
     return replace_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 

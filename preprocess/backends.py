@@ -22,7 +22,6 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing
-import warnings
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -33,9 +32,9 @@ from distributed.comm import connect, get_address_host_port
 from joblib import Parallel, delayed
 from joblib._dask import DaskDistributedBackend  # the class behind joblib's "dask" backend name
 
-from preprocess.scans import process_source
-from preprocess.preprocessing import Preprocessing
 from common.errors import UserError
+from preprocess.preprocessing import Preprocessing
+from preprocess.scans import cancelled_on_exit, process_source
 from preprocess.sources import Source
 
 log = logging.getLogger(__name__)
@@ -127,12 +126,8 @@ def preprocessed_on_dask(sources: list[Source], preprocessing: Preprocessing, ti
                             pre_dispatch="2*n_jobs", batch_size=1, timeout=wait_seconds)(
             delayed(process_source)(source, preprocessing, timeout_seconds) for source in sources
         )
-        try:
+        with cancelled_on_exit(outcomes):
             yield _reported(outcomes, sources, client, address, wait_seconds)
-        finally:
-            with warnings.catch_warnings():  # leaving early is deliberate: no "tasks cancelled" warning
-                warnings.filterwarnings("ignore", message=".*have been cancelled", category=UserWarning)
-                outcomes.close()
     finally:
         # releases the tasks still queued. Transfers and reconnections still under way fail as it
         # closes, and distributed and tornado would log a traceback for each: expected, so unsaid

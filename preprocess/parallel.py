@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import os
-import warnings
 from contextlib import contextmanager
 
 from joblib import Parallel, delayed, parallel_config
 
 from preprocess.preprocessing import Preprocessing
-from preprocess.scans import ScanOutcome, process_source
+from preprocess.scans import ScanOutcome, cancelled_on_exit, process_source
 from preprocess.sources import Source
 from preprocess.workers import VolumeHandoff, start_worker
 
@@ -34,7 +33,7 @@ def preprocessed_in_parallel(sources: list[Source], preprocessing: Preprocessing
                             pre_dispatch="2*n_jobs")(
             delayed(process_source)(source, preprocessing, timeout_seconds) for source in sources
         )
-        with _cancelled_on_exit(outcomes):
+        with cancelled_on_exit(outcomes):
             yield outcomes
         return
     handoff = VolumeHandoff.open()
@@ -45,7 +44,7 @@ def preprocessed_in_parallel(sources: list[Source], preprocessing: Preprocessing
                 delayed(process_source_for_handoff)(source, preprocessing, timeout_seconds, handoff)
                 for source in sources
             )
-        with _cancelled_on_exit(handed):
+        with cancelled_on_exit(handed):
             yield (_received(outcome, handoff, preprocessing.shape) for outcome in handed)
     finally:
         handoff.close()
@@ -64,14 +63,3 @@ def _received(outcome: ScanOutcome, handoff: VolumeHandoff, shape: tuple[int, in
     if outcome.volume is not None:
         outcome.volume = handoff.take(outcome.volume, shape)
     return outcome
-
-
-@contextmanager
-def _cancelled_on_exit(outcomes):
-    try:
-        yield
-    finally:
-        with warnings.catch_warnings():  # leaving early is deliberate: no "tasks cancelled" warning
-            warnings.filterwarnings("ignore", message=".*have been cancelled", category=UserWarning)
-            outcomes.close()
-

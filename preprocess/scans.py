@@ -1,11 +1,14 @@
 """One scan through the per-scan transform, in a worker: a volume and its record, or one line saying why not.
 
 `process_source` is what every backend (local processes, threads, a Dask cluster) runs per
-scan. `describe_scan_failure` is the one ladder from an exception to that line; `predict`
+scan, and `cancelled_on_exit` how every backend drops the scans still queued when the build
+stops early. `describe_scan_failure` is the one ladder from an exception to that line; `predict`
 uses it too, so a scan that cannot be used is described the same way everywhere.
 """
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,3 +61,15 @@ def process_source(source: Source, preprocessing: Preprocessing, timeout_seconds
         source_spacing_mm=info.spacing_mm,
     )
     return ScanOutcome(volume=volume, record=record)
+
+
+@contextmanager
+def cancelled_on_exit(outcomes):
+    """Around the use of a joblib generator of outcomes: leaving the block cancels the scans not yet done."""
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():  # leaving early is deliberate: no "tasks cancelled" warning
+            warnings.filterwarnings("ignore", message=".*have been cancelled", category=UserWarning)
+            outcomes.close()
+

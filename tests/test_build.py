@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY_SHAPE, run_python_module, write_nifti
+from common.errors import UserError
 from preprocess.__main__ import main
 from preprocess.build import BuildOptions, build_cache
 from preprocess.cache import SCHEMA_VERSION, CacheReader
-from common.errors import UserError
 from preprocess.workers import HANDOFF_PREFIX, SHARED_MEMORY_FOLDER, VolumeHandoff, remove_orphaned_handoffs
 
 

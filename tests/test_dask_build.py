@@ -24,10 +24,10 @@ pytest.importorskip("distributed", reason="the dask extra is not installed (pip 
 from distributed import Client  # noqa: E402
 
 from conftest import ROOT, TINY_SHAPE  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from preprocess.__main__ import main  # noqa: E402
 from preprocess.build import BuildOptions, build_cache  # noqa: E402
 from preprocess.time_limits import ScanTimeout, time_limit  # noqa: E402
-from common.errors import UserError  # noqa: E402
 from test_build import add_bad_files, assert_same_content, content  # noqa: E402
 
 ENVIRONMENT = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import UserError
 from preprocess import download
 from preprocess.download import download_archives, fetch_with_resume
-from common.errors import UserError
 
 
 @dataclass

@@ -29,14 +29,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 from conftest import ROOT, TINY_SHAPE  # noqa: E402
 from common.cli import EXIT_INTERRUPTED  # noqa: E402
-from preprocess.preprocessing import Preprocessing  # noqa: E402
-from preprocess.cache import CacheReader  # noqa: E402
 from common.errors import UserError  # noqa: E402
-from train.__main__ import main  # noqa: E402
 from common.files import read_json  # noqa: E402
+from preprocess.cache import CacheReader  # noqa: E402
+from preprocess.preprocessing import Preprocessing  # noqa: E402
+from train.__main__ import main  # noqa: E402
 from train.fit import fit_model  # noqa: E402
-from train.rundir.models import load_trained_model  # noqa: E402
 from train.options import FitOptions  # noqa: E402
+from train.rundir.models import load_trained_model  # noqa: E402
 from train.rundir.layout import (  # noqa: E402
     best_model_path, open_run, read_history, read_state,
 )

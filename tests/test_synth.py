@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from preprocess import synth
 from common.errors import UserError
+from preprocess import synth
 from preprocess.__main__ import main
 from preprocess.lesions import CONSOLIDATION_HU_RANGE, GRADE_INVOLVEMENT_RANGES, GROUND_GLASS_HU_RANGE
 from preprocess.synth import default_slice_range, make_phantom, write_phantom, write_synthetic_archive

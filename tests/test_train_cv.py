@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from preprocess.cache import CacheReader
 from common.errors import UserError
+from preprocess.cache import CacheReader
 from train.pipeline.folds import make_folds
 
 pytest.importorskip("tensorflow")

@@ -9,16 +9,16 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from preprocess.cache import CacheReader  # noqa: E402
 from common.errors import UserError  # noqa: E402
+from preprocess.cache import CacheReader  # noqa: E402
 from train.pipeline.augment import ROTATION_ANGLES_DEGREES, rotate_volume  # noqa: E402
 from train.pipeline.data import (  # noqa: E402
     Shard, derive_seed, make_epoch_plan, make_evaluation_dataset, make_training_dataset, make_validation_dataset,
     steps_per_epoch,
 )
+from train.network.tasks import BINARY_CLASS_NAMES, Task, compute_class_weights  # noqa: E402
 from train.pipeline.data import sample_weights_of  # noqa: E402
 from train.pipeline.folds import split_rows  # noqa: E402
-from train.network.tasks import BINARY_CLASS_NAMES, Task, compute_class_weights  # noqa: E402
 
 BINARY = Task("binary", BINARY_CLASS_NAMES)
 

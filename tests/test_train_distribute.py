@@ -218,9 +218,9 @@ import numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices('CPU')[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
+from train.loop.precise_bn import PreciseBatchNorm, batchnorm_layers, estimate_population_statistics
 from train.network.architecture import Architecture
 from train.network.model import build_model
-from train.loop.precise_bn import PreciseBatchNorm, batchnorm_layers, estimate_population_statistics
 keras.utils.set_random_seed(0)
 strategy = tf.distribute.MirroredStrategy()
 assert strategy.num_replicas_in_sync == 2

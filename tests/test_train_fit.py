@@ -18,9 +18,9 @@ import pytest
 pytest.importorskip("tensorflow")
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside Keras model.save
 
+from common.errors import UserError  # noqa: E402
 from preprocess.build import BuildOptions, build_cache  # noqa: E402
 from preprocess.cache import CacheReader  # noqa: E402
-from common.errors import UserError  # noqa: E402
 from train.__main__ import main  # noqa: E402
 from train.evaluate import evaluate_run  # noqa: E402
 from train.fit import fit_model  # noqa: E402

@@ -14,21 +14,21 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 import keras  # noqa: E402
 
-from preprocess.cache import CacheReader  # noqa: E402
 from common.errors import UserError  # noqa: E402
-from train.network.architecture import Architecture  # noqa: E402
+from preprocess.cache import CacheReader  # noqa: E402
 from train.evaluate import predict_split  # noqa: E402
 from train.fit import fit_model  # noqa: E402
-from train.network.scores import compute_roc_auc, compute_roc_curve  # noqa: E402
+from train.network.architecture import Architecture  # noqa: E402
 from train.network.model import build_model  # noqa: E402
-from train.rundir.models import load_trained_model  # noqa: E402
+from train.network.scores import compute_roc_auc, compute_roc_curve  # noqa: E402
 from train.options import RECIPES, FitOptions, changed_options, check_fit_options, resolve_recipe  # noqa: E402
+from train.rundir.models import load_trained_model  # noqa: E402
 from train.loop.precise_bn import (  # noqa: E402
     assign_population_statistics, batchnorm_layers, estimate_population_statistics, precise_bn_rows,
 )
+from train.loop.loop import make_precise_bn_batches, make_schedule  # noqa: E402
 from train.network.precision import cpu_flags, native_bfloat16, resolve_precision  # noqa: E402
 from train.rundir.layout import read_history, read_state  # noqa: E402
-from train.loop.loop import make_precise_bn_batches, make_schedule  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "data" / "tutorial_recipe_history.json"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from preprocess.cache import CacheReader
 from common.errors import UserError
 from common.files import write_json_atomically
+from preprocess.cache import CacheReader
 from train.rundir.layout import TrainingState, best_model_name, last_model_name, write_state
 from train.rundir.listing import COLUMNS, list_runs, sort_runs
 from train.rundir.table import format_runs_table, runs_as_json

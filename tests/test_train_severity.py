@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import TINY_SHAPE
+from common.errors import UserError
 from preprocess.build import BuildOptions, build_cache
 from preprocess.cache import CacheReader
-from common.errors import UserError
 from train.network.scores import compute_quadratic_weighted_kappa, compute_severity_report
 from train.network.tasks import Task, class_indices, make_task, task_from_config, training_targets
 

@@ -15,8 +15,8 @@ from common.cli import (  # noqa: E402
     EXIT_INTERRUPTED, ArgumentParser, configure_logging, non_negative_int, positive_float, positive_int, run_command,
 )
 from train.loop.distribute import STRATEGIES  # noqa: E402
-from train.rundir.listing import COLUMNS as RUN_COLUMNS  # noqa: E402
 from train.network.tasks import TASKS  # noqa: E402
+from train.rundir.listing import COLUMNS as RUN_COLUMNS  # noqa: E402
 from train.options import (  # noqa: E402
     MAX_BENCH_SAMPLES, MAX_LEARNING_RATE, MIN_LEARNING_RATE, PADDINGS, POOLINGS, PRECISIONS, RECIPES, SCHEDULES,
     WHOLE_NUMBER_RANGES, FitOptions,
@@ -240,17 +240,12 @@ def run_cv(arguments) -> int | None:
 
 def run_runs(arguments) -> None:
     from train.rundir.listing import DESCENDING_BY_DEFAULT, list_runs, sort_runs
-    from train.rundir.table import format_runs_table, runs_as_json
+    from train.rundir.table import format_runs
 
     descending = arguments.sort in DESCENDING_BY_DEFAULT
     runs = sort_runs(list_runs(arguments.root, arguments.cache), arguments.sort,
                      descending=not descending if arguments.reverse else descending)
-    if arguments.json:
-        import json
-
-        print(json.dumps(runs_as_json(runs), indent=2))
-    else:
-        print(format_runs_table(runs, None))
+    print(format_runs(runs, arguments.json))
 
 
 def run_evaluate(arguments) -> None:

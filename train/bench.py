@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from preprocess.cache import CacheReader
 from common.errors import UserError
 from common.processes import peak_rss_bytes
+from preprocess.cache import CacheReader
 from train.loop.native_logs import load_tensorflow
 from train.options import MAX_BENCH_SAMPLES, WHOLE_NUMBER_RANGES
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess.cache import CacheReader
 from common.errors import UserError
 from common.files import write_json_atomically
+from preprocess.cache import CacheReader
 from train.network.tasks import HEADLINE_METRICS
 from train.options import FitOptions, check_fit_options, resolve_recipe
 from train.rundir.folders import prepare_output_dir

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess.cache import CacheReader
 from common.errors import UserError
+from preprocess.cache import CacheReader
 from train.loop.native_logs import load_tensorflow
-from train.rundir.layout import ROC_CURVE, open_run
 from train.network.tasks import Task, class_indices, task_from_config
+from train.rundir.layout import ROC_CURVE, open_run
 
 log = logging.getLogger(__name__)
 

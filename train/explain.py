@@ -17,9 +17,9 @@ import numpy as np
 import tensorflow as tf
 
 from common.errors import UserError
+from common.files import replace_atomically
 from preprocess.montage import save_montage
 from preprocess.volume import resize_volume
-from common.files import replace_atomically
 
 
 def find_last_convolution(model: keras.Model) -> keras.layers.Layer:

@@ -17,20 +17,20 @@ from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
-from preprocess.cache import CacheReader
 from common.errors import UserError
-from train.network.architecture import check_input_shape
+from common.files import read_json, write_json_atomically
+from preprocess.cache import CacheReader
 from train.loop.distribute import ClusterRole, read_cluster_role
 from train.loop.native_logs import load_tensorflow
+from train.network.architecture import check_input_shape
 from train.options import FitOptions, changed_options, check_fit_options, resolve_recipe
-from common.files import read_json, write_json_atomically
 from train.rundir.folders import check_new_run_dir, locked_run_dir, prepare_output_dir
 from train.rundir.layout import (
     CONFIG, CURVES, HISTORY, METRICS, ROC_CURVE, STATE, TrainingState, read_history, read_state, remove_other_models,
     remove_stale_temporaries, write_history,
 )
-from train.pipeline.folds import rows_and_classes
 from train.network.tasks import HEADLINE_METRICS, METRIC_LABELS, compute_class_weights, make_task, task_from_config
+from train.pipeline.folds import rows_and_classes
 
 log = logging.getLogger(__name__)
 

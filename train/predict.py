@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import UserError
+from common.files import make_folder
 from preprocess.preprocessing import Preprocessing
 from preprocess.scans import describe_scan_failure
 from preprocess.volume import preprocess_scan
 from train.loop.native_logs import load_tensorflow
 from train.network.scores import DECISION_THRESHOLD as THRESHOLD
-from train.rundir.layout import open_run
 from train.network.tasks import task_from_config
+from train.rundir.layout import open_run
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def predict_scans(run_dir: Path, scans: list[Path], explain_dir: Path | None = N
     preprocessing = Preprocessing.from_json(config.get("preprocessing"), run_dir)
     shape = preprocessing.shape
     if explain_dir is not None:
-        make_explain_dir(Path(explain_dir))
+        make_folder(Path(explain_dir), "--explain")
     load_tensorflow()  # only once the run is valid: bad input is refused in a second
     from train.rundir.models import load_best_model
 
@@ -101,15 +102,6 @@ def predict_scans(run_dir: Path, scans: list[Path], explain_dir: Path | None = N
                                                                           Path(explain_dir))))
         predictions.append(prediction)
     return predictions
-
-
-def make_explain_dir(folder: Path) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--explain {folder} is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create --explain folder {folder} ({error.strerror})") from None
 
 
 def explain_scan(model, volume: np.ndarray, prediction: Prediction, task, folder: Path) -> Path:

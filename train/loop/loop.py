@@ -10,20 +10,20 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from preprocess.cache import CacheReader
 from common.errors import UserError
+from preprocess.cache import CacheReader
 from train.pipeline.data import (
     Shard, make_evaluation_dataset, make_training_dataset, make_validation_dataset, reporting_read_failures,
     sample_weights_of, steps_per_epoch,
 )
 from train.loop.events import ScalarEventLogger
-from train.network.model import build_model
-from train.options import FitOptions
 from train.loop.precise_bn import PreciseBatchNorm, precise_bn_rows
 from train.loop.recorder import RunRecorder, set_random_generator_states
+from train.network.model import build_model
+from train.options import FitOptions
+from train.pipeline.folds import rows_and_classes
 from train.rundir.layout import TENSORBOARD, TrainingState
 from train.rundir.models import load_trained_model
-from train.pipeline.folds import rows_and_classes
 from train.network.tasks import (
     Task, compute_class_weights, make_loss, make_task, make_training_metrics, training_targets,
 )

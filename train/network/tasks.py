@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from preprocess.cache import CacheReader
 from common.errors import UserError
+from preprocess.cache import CacheReader
 
 TASKS = ("binary", "severity")
 # Each task's headline metrics (keys of its report), in one place. `headline`: what `cv` averages

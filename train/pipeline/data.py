@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from preprocess.cache import CacheError, CacheReader
 from common.errors import UserError
+from preprocess.cache import CacheError, CacheReader
 from train.pipeline.augment import draw_rotation_angles, rotate_volume
 
 log = logging.getLogger(__name__)

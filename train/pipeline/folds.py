@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from preprocess.cache import CacheReader
 from common.errors import UserError
+from preprocess.cache import CacheReader
 
 
 def split_rows(reader: CacheReader, split: str) -> tuple[np.ndarray, np.ndarray]:

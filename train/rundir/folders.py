@@ -14,7 +14,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from common.errors import UserError
-from common.files import TEMP_MARKER
+from common.files import TEMP_MARKER, make_folder
 from train.rundir.layout import CONFIG, LOCK, STATE
 
 
@@ -66,16 +66,7 @@ def create_new_run_dir(base: Path, attempts: int = 1000) -> Path:
 
 def make_run_dir(run_dir: Path) -> None:
     """mkdir -p, as most tools do; a file in the way (the folder itself or a parent) is refused."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--run-dir {run_dir} is a file, not a folder")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        blocker = next((parent for parent in run_dir.parents if parent.exists()), None)
-        if blocker is not None and not blocker.is_dir():
-            raise UserError(f"cannot create --run-dir {run_dir}: {blocker} is a file, not a folder") from None
-        raise UserError(f"cannot create --run-dir {run_dir} ({error.strerror})") from None
+    make_folder(run_dir, "--run-dir")
 
 
 def is_own_file(name: str) -> bool:

@@ -1,6 +1,7 @@
 """The `runs` table: run summaries (`train.rundir.listing`) as aligned text or JSON, with the cache marker."""
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, replace
 
 from train.rundir.listing import COLUMNS, OPTIONAL_COLUMNS, RunSummary, parse_date
@@ -8,6 +9,11 @@ from train.rundir.listing import COLUMNS, OPTIONAL_COLUMNS, RunSummary, parse_da
 SHORT_FINGERPRINT = 8
 MARKER = "*"
 NO_RUNS = "no runs found (a run is a folder holding config.json, written by `python -m train fit`)"
+
+
+def format_runs(runs: list[RunSummary], as_json: bool) -> str:
+    """What `runs` prints: the table, or (`--json`) every run as a JSON list."""
+    return json.dumps(runs_as_json(runs), indent=2) if as_json else format_runs_table(runs, None)
 
 
 def format_runs_table(runs: list[RunSummary], reference_fingerprint: str | None) -> str:
