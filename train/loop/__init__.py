@@ -1,0 +1,1 @@
+"""The training loop: Keras fit (loop), committing epochs (recorder), distribution, TensorBoard events, PreciseBN, and a quiet TensorFlow import."""
