@@ -348,3 +348,20 @@ def test_info_and_show(tiny_cache, tmp_path, capsys):
     assert main(["show", str(tiny_cache), "--index", "99"]) == 1
     assert "out of range" in capsys.readouterr().err
     assert main(["info", str(tmp_path / "nope.h5")]) == 1
+
+
+def test_build_and_predict_describe_a_scan_that_cannot_be_used_alike(tmp_path):
+    """One failure ladder (`preprocess.scans.describe_scan_failure`) for `build` and `predict`: same file, same words."""
+    from preprocess.scans import describe_scan_failure, process_source
+    from preprocess.sources import Source
+    from preprocess.volume import ScanError, preprocess_scan
+
+    missing = tmp_path / "CT-0" / "gone.nii.gz"
+    source = Source(missing, "CT-0/gone.nii.gz", "CT-0/gone", "CT-0", 0, 0, 0)
+    outcome = process_source(source, BuildOptions(shape=TINY_SHAPE).preprocessing, 60.0)
+    with pytest.raises(FileNotFoundError) as raised:  # what `predict` sees for the same file
+        preprocess_scan(missing, TINY_SHAPE, -1000.0, 400.0)
+    assert outcome.reason == describe_scan_failure(raised.value) == f"unreadable (FileNotFoundError: {raised.value})"
+    assert outcome.cannot_open and outcome.volume is None
+    assert describe_scan_failure(ScanError("empty file")) == "empty file"
+    assert describe_scan_failure(MemoryError()) == "too large to load into memory"
