@@ -32,15 +32,8 @@ class Preprocessing:
     @classmethod
     def of_this_code(cls, shape, hu_window) -> Preprocessing:
         """What this version of `preprocess_scan` makes with these options."""
-        from preprocess.volume import CANONICAL_ORIENTATION, RESAMPLE_METHOD  # nibabel: not for cache readers
-
-        return cls(
-            shape=tuple(int(n) for n in shape),
-            hu_min=float(hu_window[0]),
-            hu_max=float(hu_window[1]),
-            resample_method=RESAMPLE_METHOD,
-            orientation="".join(CANONICAL_ORIENTATION),
-        )
+        return cls(shape=tuple(int(n) for n in shape), hu_min=float(hu_window[0]), hu_max=float(hu_window[1]),
+                   **this_code_makes())
 
     def to_json(self) -> dict:
         """Plain JSON values (tuples become lists), as config.json and the cache's fingerprint store them."""
@@ -51,11 +44,10 @@ class Preprocessing:
         """The options a run's config.json records, refused (one line) unless this code makes the same volumes."""
         if not isinstance(document, dict) or not {"shape", "hu_min", "hu_max"} <= document.keys():
             raise UserError(f"{run_dir}: config.json has no preprocessing options")
-        current = cls.of_this_code((1, 1, 1), (0.0, 1.0))
-        for name in ("resample_method", "orientation"):
-            if document.get(name) != getattr(current, name):
+        for name, value in this_code_makes().items():
+            if document.get(name) != value:
                 raise UserError(f"{run_dir} was trained on volumes made with {name} {document.get(name)!r}; "
-                                f"this version of preprocess makes {getattr(current, name)!r}")
+                                f"this version of preprocess makes {value!r}")
         try:
             shape = tuple(int(n) for n in document["shape"])
             hu_min, hu_max = float(document["hu_min"]), float(document["hu_max"])
@@ -70,6 +62,13 @@ class Preprocessing:
         """{option: (recorded value, this object's value)} for every option `recorded` (JSON) gives otherwise."""
         return {name: (recorded.get(name), value) for name, value in self.to_json().items()
                 if recorded.get(name) != value}
+
+
+def this_code_makes() -> dict[str, str]:
+    """How this version of `preprocess_scan` resamples and orients: the options no flag sets."""
+    from preprocess.volume import CANONICAL_ORIENTATION, RESAMPLE_METHOD  # nibabel: not for cache readers
+
+    return {"resample_method": RESAMPLE_METHOD, "orientation": "".join(CANONICAL_ORIENTATION)}
 
 
 def plain_value(value):

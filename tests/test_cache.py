@@ -138,3 +138,22 @@ def test_damaged_chunks_read_as_garbage_and_a_cut_file_is_one_clear_error(tmp_pa
     with pytest.raises(CacheError, match="truncated|cannot be read|not an HDF5"):
         with CacheReader(truncated) as reader:
             reader.read_volume(3)
+
+
+def test_preprocessing_round_trips_through_json_and_names_its_differences(tmp_path):
+    """One owner of the preprocessing options: to JSON (config.json), back, and compared."""
+    from common.errors import UserError
+    from preprocess.preprocessing import Preprocessing
+
+    current = Preprocessing.of_this_code((8, 8, 4), (-1000, 400))
+    document = current.to_json()
+    assert document["shape"] == [8, 8, 4] and isinstance(document["hu_min"], float)
+    assert Preprocessing.from_json(document, tmp_path) == current
+    assert current.differences(document) == {}
+    assert current.differences({**document, "hu_max": 300.0}) == {"hu_max": (300.0, 400.0)}
+    with pytest.raises(UserError, match="this version of preprocess makes 'RAS'"):
+        Preprocessing.from_json({**document, "orientation": "LPS"}, tmp_path)
+    with pytest.raises(UserError, match="damaged preprocessing options"):
+        Preprocessing.from_json({**document, "shape": [8, 8]}, tmp_path)
+    with pytest.raises(UserError, match="no preprocessing options"):
+        Preprocessing.from_json({"shape": [8, 8, 4]}, tmp_path)
