@@ -2,8 +2,9 @@
 
 Every file (a cache, every file of a run directory) is written to a temporary file in the same
 folder, made durable (fsync) and moved into place with `os.replace`, so a reader (a training
-run, or a killed run's `--resume`) sees the old file or the new one, never half of one. A write the OS refuses (disk full, file too large, not a folder) is one
-`WriteError` line, and its temporary file is removed. Reads accept JSON only: nothing a run
+run, or a killed run's `--resume`) sees the old file or the new one, never half of one. A
+write the OS refuses (disk full, file too large, not a folder) is one `WriteError` line, and
+its temporary file is removed. Reads accept JSON only: nothing a run
 directory holds is ever unpickled or executed.
 """
 from __future__ import annotations

@@ -19,8 +19,9 @@ EVALUATION_BATCH_SIZE = 2
 
 def check_same_preprocessing(config: dict, reader: CacheReader, run_dir: Path) -> None:
     """Refuse a cache whose volumes were made differently from the run's training cache."""
+    recorded = config.get("preprocessing") or {}
     differences = [f"{name} {trained!r} in the run, {value!r} in the cache"
-                   for name, (trained, value) in reader.preprocessing.differences(config.get("preprocessing") or {}).items()]
+                   for name, (trained, value) in reader.preprocessing.differences(recorded).items()]
     if differences:
         raise UserError(f"{reader.path} was preprocessed differently from the cache {run_dir} was trained on "
                         f"({'; '.join(differences)}); rebuild it with the run's options")

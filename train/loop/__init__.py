@@ -1,1 +1,2 @@
-"""The training loop: Keras fit (loop), committing epochs (recorder), distribution, TensorBoard events, PreciseBN, and a quiet TensorFlow import."""
+"""The training loop: Keras fit (loop), committing epochs (recorder), distribution, TensorBoard
+events, PreciseBN, and a quiet TensorFlow import (native_logs)."""

@@ -1,1 +1,2 @@
-"""The input pipeline: cache rows -> tf.data batches (data), their augmentation (augment), and which rows a run uses (folds)."""
+"""The input pipeline: which rows a run uses (folds), cache rows -> tf.data batches (data), and
+their augmentation (augment)."""
