@@ -37,13 +37,17 @@ SETS = {  # name: (synth flags, epochs)
     "standard": (["--seed", "101"], 30),
     "subtle": (["--grades", "1", "--seed", "102"], 30),
 }
-ARMS = {  # name: fit flags; each change of the default recipe on its own, on top of the tutorial's
+ARMS = {  # name: fit flags
     "tutorial": ["--recipe", "tutorial"],
+    # each change of the default recipe on its own, on top of the tutorial's
     "precise-bn": ["--recipe", "tutorial", "--precise-bn-scans", "32"],
     "momentum-0.9": ["--recipe", "tutorial", "--bn-momentum", "0.9"],
     "cosine-1e-3": ["--recipe", "tutorial", "--schedule", "cosine", "--warmup-epochs", "1", "--lr", "1e-3"],
     "bf16": ["--recipe", "tutorial", "--precision", "mixed_bfloat16"],
-    "precise-fp32": ["--precision", "float32"],  # the default but float32: does bfloat16 cost AUC?
+    # the default recipe with one choice changed
+    "precise-fp32": ["--precision", "float32"],  # does bfloat16 cost AUC?
+    "precise-max": ["--pooling", "max"],  # the head: does the maximum find small lesions the mean dilutes?
+    "precise-avgmax": ["--pooling", "avgmax"],
     "precise": [],  # the default recipe
 }
 DEGENERATE_WINDOW = 20
@@ -68,8 +72,32 @@ def make_cache(out: Path, name: str, scans: int) -> Path:
     return cache
 
 
+def recipe_choices(flags: list[str]) -> dict:
+    """The training choices `fit` resolves for these flags: recipe values where no flag overrides them."""
+    sys.path.insert(0, str(ROOT))
+    from train.__main__ import fit_options_of, make_parser  # TensorFlow-free
+    from train.options import RECIPES, resolve_recipe
+
+    options = resolve_recipe(fit_options_of(make_parser().parse_args(["fit", "CACHE", *flags])))
+    return {"recipe": options.recipe, **{name: getattr(options, name) for name in RECIPES[options.recipe]}}
+
+
+def check_arm(run_dir: Path, flags: list[str]) -> None:
+    """Refuse a kept run that was trained with other choices than its arm names now (a renamed arm, a changed
+    default): its numbers would be reported under the wrong name."""
+    recorded = json.loads((run_dir / "config.json").read_text())["options"]
+    wanted = recipe_choices(flags)
+    differing = {name: (recorded.get(name), value) for name, value in wanted.items()
+                 if recorded.get(name) != value and not (name == "precision" and value == "auto")}
+    if differing:
+        sys.exit(f"{run_dir}: trained with other choices than its arm now makes (recorded, wanted): {differing}; "
+                 "move it aside")
+
+
 def train(cache: Path, run_dir: Path, epochs: int, seed: int, flags: list[str]) -> None:
     """One `fit` to the end; a run left unfinished by an interrupted benchmark is resumed."""
+    if (run_dir / "config.json").is_file():
+        check_arm(run_dir, flags)
     if (run_dir / "metrics.json").is_file():
         return  # finished in an earlier invocation
     resume = ["--resume"] if run_dir.exists() else []
@@ -169,9 +197,13 @@ def main() -> None:
                           f"{json.dumps(score_run(run_dir))}", flush=True)
     report = {}
     for name in arguments.sets:
-        scores = {arm: [score_run(run_dir) for seed in range(arguments.seeds)
-                        if ((run_dir := arguments.out / name / f"{arm}-seed{seed}") / "metrics.json").is_file()]
-                  for arm in arguments.arms}
+        finished = {arm: [run_dir for seed in range(arguments.seeds)
+                          if ((run_dir := arguments.out / name / f"{arm}-seed{seed}") / "metrics.json").is_file()]
+                    for arm in arguments.arms}
+        for arm, run_dirs in finished.items():
+            for run_dir in run_dirs:
+                check_arm(run_dir, ARMS[arm])
+        scores = {arm: [score_run(run_dir) for run_dir in run_dirs] for arm, run_dirs in finished.items()}
         scores = {arm: values for arm, values in scores.items() if values}
         report[name] = {arm: summarize(values, scores.get("tutorial", [])) for arm, values in scores.items()}
         print(format_table(name, SETS[name][1], report[name]))
