@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("cache", type=Path)
     parser.add_argument("variant", help="comma-separated key=value (see the module docstring); 'base' for none")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=20, help="at least 2: one of warm-up, then cosine decay")
     arguments = parser.parse_args()
 
     import keras
@@ -66,9 +66,10 @@ def main() -> None:
         model = make_groupnorm_model(shape, pooling, int(choices.get("groups", 8)))
     else:
         model = build_model(shape, padding="same", bn_momentum=float(choices.get("mom", 0.9)), pooling=pooling)
-    steps_per_epoch = -(-len(train_rows) // batch)
+    steps_per_epoch = -(-len(train_rows) // batch)  # one epoch of warm-up, then cosine decay to 0
     schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, steps_per_epoch * (arguments.epochs - 1), warmup_target=learning_rate, warmup_steps=steps_per_epoch)
+        0.0, steps_per_epoch * max(arguments.epochs - 1, 1), warmup_target=learning_rate,
+        warmup_steps=steps_per_epoch)
     model.compile(keras.optimizers.Adam(schedule), "binary_crossentropy", metrics=[keras.metrics.AUC(name="auc")])
     training = (tf.data.Dataset.from_tensor_slices((volumes[train_rows], labels[train_rows]))
                 .shuffle(len(train_rows), seed=arguments.seed).batch(batch))
