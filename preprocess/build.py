@@ -57,11 +57,13 @@ def build_cache(options: BuildOptions) -> BuildReport:
     """Build or update the cache at options.out; see the module docstring."""
     check_options(options)
     out = Path(options.out)
+    sources, refused = find_sources(options.raw)
+    # leftovers of killed builds are cleaned only once this build has scans to work on: a build
+    # refused for bad input changes nothing on disk and says one line
     for stale in stale_temp_files(out):
         log.info("removing %s left by an interrupted build", stale)
         stale.unlink(missing_ok=True)
     remove_orphaned_handoffs()
-    sources, refused = find_sources(options.raw)
     preprocessing = options.preprocessing
     previous = open_previous(options)
     try:

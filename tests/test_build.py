@@ -15,6 +15,7 @@ import pytest
 
 from conftest import ROOT, TINY_SHAPE, run_python_module, write_nifti
 from common.errors import UserError
+from common.files import TEMP_MARKER
 from preprocess.__main__ import main
 from preprocess.build import BuildOptions, build_cache
 from preprocess.cache import SCHEMA_VERSION, CacheReader
@@ -316,6 +317,24 @@ def test_bad_raw_folder_in_a_real_subprocess(tmp_path, make_raw, message):
     assert result.returncode == 1
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "c.h5").exists()
+
+
+@pytest.mark.skipif(not SHARED_MEMORY_FOLDER.is_dir(), reason="needs /dev/shm, where handoff folders live")
+def test_a_build_refused_for_bad_input_says_one_line_and_cleans_nothing(tmp_path):
+    # another (killed) build's leftovers: a refused build neither touches them nor reports them
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = SHARED_MEMORY_FOLDER / f"{HANDOFF_PREFIX}{int(dead.stdout)}-refused-build-test"
+    stale_temp = tmp_path / f".c.h5{TEMP_MARKER}{int(dead.stdout)}"
+    orphan.mkdir()
+    stale_temp.write_bytes(b"half a cache")
+    try:
+        (tmp_path / "empty").mkdir()
+        result = run_python_module("preprocess", "build", "--raw", str(tmp_path / "empty"), "--out", str(tmp_path / "c.h5"))
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "no scans in" in result.stderr
+        assert orphan.is_dir() and stale_temp.is_file()
+    finally:
+        shutil.rmtree(orphan, ignore_errors=True)
 
 
 def test_all_bad_scans_is_an_error_not_an_empty_cache(tmp_path):
