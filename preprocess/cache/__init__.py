@@ -16,7 +16,8 @@ Nothing else in the project spells an HDF5 path. `preprocess.build` writes throu
     attrs: format, schema_version, shape, hu_min, hu_max, resample_method, orientation,
            seed, val_fraction, test_fraction, package_version, created_utc, fingerprint
 
-`fingerprint` is a sha256 over the preprocessing options and every (scan id, source sha256):
+`fingerprint` is a sha256 over the preprocessing options and every (scan id, source sha256), plus
+the labels file's sha256 for a build from one (`build --labels`):
 two caches with the same fingerprint hold the same data.
 """
 from preprocess.cache.reader import CacheReader
