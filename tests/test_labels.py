@@ -129,3 +129,38 @@ def test_severity_orders_free_class_names_by_their_grade_number(tmp_path):
     FakeReader.class_names = ["0-normal", "1-mild", "grade1"]
     with pytest.raises(UserError, match="'1-mild' and 'grade1', both grade 1"):
         make_task("severity", FakeReader())
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside Keras model.save
+def test_end_to_end_labels_file_mixed_formats_fit_evaluate_and_predict_a_dicom_folder(tmp_path, capsys):
+    pytest.importorskip("tensorflow")
+    from preprocess.synth import make_phantom
+    from train.__main__ import main as train_main
+
+    raw, rows = tmp_path / "raw", ["path,class"]
+    for number in range(12):
+        abnormal = number % 2 == 1
+        phantom = make_phantom(0, number, abnormal, size=32, slice_range=(12, 12))
+        spacing = tuple(float(value) for value in np.diag(phantom.affine)[:3])
+        if number < 6:
+            write_nifti(raw / f"p{number}.nii.gz", phantom.hu, phantom.affine)
+            rows.append(f"p{number}.nii.gz,{'covid' if abnormal else 'normal'}")
+        else:
+            write_series(raw / f"p{number}" / "ct", phantom.hu, spacing, "feet-first-supine", intercept=-1024,
+                         series_uid=f"1.2.826.0.1.3680043.8.498.{number}")
+            rows.append(f"p{number},{'covid' if abnormal else 'normal'}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    cache, run = tmp_path / "cache.h5", tmp_path / "run"
+    assert main(["build", "--raw", str(raw), "--out", str(cache), "--labels", str(tmp_path / "labels.csv"),
+                 "--normal-class", "normal", "--shape", *map(str, TINY_SHAPE), "--jobs", "1", "--quiet"]) == 0
+    with CacheReader(cache) as reader:
+        assert len(reader) == 12 and reader.labels.tolist() == [number % 2 for number in range(12)]
+    assert train_main(["fit", str(cache), "--run-dir", str(run), "--epochs", "2", "--padding", "same",
+                       "--quiet"]) == 0
+    assert train_main(["evaluate", str(run), str(cache), "--split", "test"]) == 0
+    capsys.readouterr()
+    assert train_main(["predict", str(run), str(raw / "p7" / "ct"), str(raw / "p7")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("percent confident that the CT scan is" in line for line in lines)
+    assert lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1]  # the series, by its folder or its parent
