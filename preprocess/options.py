@@ -79,6 +79,8 @@ def check_options(options: BuildOptions) -> None:
         raise UserError(f"--seed must be non-negative, got {options.seed}")
     if not options.normal_class.strip():
         raise UserError("--normal-class needs a class name, e.g. CT-0 or normal")
+    if options.labels is None and options.normal_class != BuildOptions.normal_class:
+        raise UserError("--normal-class is for --labels FILE.csv; class folders are CT-k, and CT-0 is normal")
     out = Path(options.out)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file path such as {out / 'mosmed.h5'}")

@@ -112,6 +112,14 @@ def test_each_bad_labels_file_gets_one_line_naming_file_and_row(archive, tmp_pat
     assert not (tmp_path / "cache.h5").exists()
 
 
+def test_normal_class_needs_a_labels_file_and_a_name(archive, tmp_path):
+    with pytest.raises(UserError, match="--normal-class is for --labels"):
+        build(archive, tmp_path / "cache.h5", None, normal_class="normal")
+    (tmp_path / "labels.csv").write_text(ROWS)
+    with pytest.raises(UserError, match="--normal-class needs a class name"):
+        build(archive, tmp_path / "cache.h5", tmp_path / "labels.csv", normal_class=" ")
+
+
 def test_severity_orders_free_class_names_by_their_grade_number(tmp_path):
     from train.network.tasks import make_task
 
