@@ -101,7 +101,9 @@ def read_dataset(name: str, data: bytes):
     except Exception as error:  # truncated or foreign bytes break the parser in many ways
         raise ScanError(f"{name}: not a readable DICOM file ({type(error).__name__}: {error})") from None
     if not uid:
-        raise ScanError(f"{name}: not a DICOM image (no SeriesInstanceUID)")
+        has_marker = data[128:132] == b"DICM"
+        raise ScanError(f"{name}: {'truncated or incomplete DICOM header' if has_marker else 'not a DICOM image'} "
+                        "(no SeriesInstanceUID)")
     return dataset
 
 

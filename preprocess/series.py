@@ -36,8 +36,11 @@ class Series:
 
 def looks_like_dicom(path: Path) -> bool:
     """A `.dcm` name, or the DICM marker after the preamble (DICOM files often have no extension)."""
-    if path.name.lower().endswith(".dcm"):
-        return True
+    return path.name.lower().endswith(".dcm") or looks_like_marked(path)
+
+
+def looks_like_marked(path: Path) -> bool:
+    """Whether the file carries the DICM marker after the 128-byte preamble."""
     try:
         with path.open("rb") as stream:
             head = stream.read(PREAMBLE_BYTES + 4)
@@ -75,7 +78,9 @@ def read_header(path: Path) -> tuple[str | None, bool, str | None]:
     except Exception as error:  # a truncated or foreign file can break the parser in many ways
         return None, False, f"not a readable DICOM file ({type(error).__name__}: {error})"
     if not uid:
-        return None, False, "not a DICOM image (no SeriesInstanceUID)"
+        has_marker = looks_like_marked(path)
+        return None, False, ("truncated or incomplete DICOM header" if has_marker else "not a DICOM image") \
+            + " (no SeriesInstanceUID)"
     return uid, False, None
 
 

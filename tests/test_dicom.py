@@ -232,13 +232,16 @@ def test_compressed_series_without_its_decoder_names_the_package(chest, tmp_path
         open_any_scan(tmp_path / "series")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not dicom"])
+@pytest.mark.parametrize("damage", ["truncated", "header cut", "not dicom"])
 def test_truncated_or_foreign_file_posing_as_dicom_fails_its_series(chest, tmp_path, damage):
     hu, spacing = chest
     paths = write_series(tmp_path / "raw" / "CT-1" / "bad", hu, spacing)
     if damage == "truncated":
         paths[4].write_bytes(paths[4].read_bytes()[:-500])
         reason = "IM0005.dcm: truncated or corrupt pixel data"
+    elif damage == "header cut":
+        paths[4].write_bytes(paths[4].read_bytes()[:300])
+        reason = "IM0005.dcm: truncated or incomplete DICOM header (no SeriesInstanceUID)"
     else:
         paths[4].write_bytes(b"this is a text file, not a CT slice\n" * 20)
         reason = "IM0005.dcm: not a"
