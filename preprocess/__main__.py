@@ -25,7 +25,13 @@ def make_parser() -> ArgumentParser:
         "when complete.",
         formatter_class=HelpFormatter,
     )
-    build.add_argument("--raw", type=Path, default=DEFAULTS.raw, help="folder with CT-0, CT-1, ... class folders")
+    build.add_argument("--raw", type=Path, default=DEFAULTS.raw,
+                       help="folder with CT-0, CT-1, ... class folders of NIfTI files or DICOM series")
+    build.add_argument("--labels", type=Path, default=DEFAULTS.labels, metavar="FILE.csv",
+                       help="a CSV with the columns path,class (paths relative to --raw: NIfTI files or DICOM "
+                       "series folders) instead of class folders")
+    build.add_argument("--normal-class", default=DEFAULTS.normal_class, metavar="NAME",
+                       help="the class whose scans are normal (label 0); every other class is label 1")
     build.add_argument("--out", type=Path, default=DEFAULTS.out, help="cache file to write")
     build.add_argument("--jobs", type=positive_int, default=DEFAULTS.jobs, help="parallel worker processes (all cores by default)")
     build.add_argument("--shape", type=positive_int, nargs=3, metavar=("H", "W", "D"), default=DEFAULTS.shape,
@@ -108,14 +114,16 @@ def run_build(arguments) -> None:
         hu_window=tuple(arguments.hu_window), seed=arguments.seed, val_fraction=arguments.val_fraction,
         test_fraction=arguments.test_fraction, scan_timeout_seconds=arguments.scan_timeout,
         backend=arguments.backend, scheduler=arguments.scheduler, force=arguments.force, strict=arguments.strict,
-        quiet=arguments.quiet,
+        quiet=arguments.quiet, labels=arguments.labels, normal_class=arguments.normal_class,
     )
     report = build_cache(options)
+    unlisted = (f"; {report.unlisted} scan file(s) under --raw are not in --labels and were ignored"
+                if report.unlisted else "")
     if report.up_to_date:
-        print(f"{report.out} is up to date: {report.cached} scans, {len(report.failures)} failed")
+        print(f"{report.out} is up to date: {report.cached} scans, {len(report.failures)} failed{unlisted}")
     else:
         print(f"wrote {report.out}: {report.cached} scans cached ({report.reprocessed} preprocessed, "
-              f"{report.reused} reused), {len(report.failures)} failed")
+              f"{report.reused} reused), {len(report.failures)} failed{unlisted}")
 
 
 def run_synth(arguments) -> None:

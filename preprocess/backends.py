@@ -119,7 +119,9 @@ def preprocessed_on_dask(sources: list[Source], preprocessing: Preprocessing, ti
         log.info("preprocessing %d scans on the Dask cluster at %s (%d workers, %d threads)",
                  len(sources), address, len(threads), sum(threads.values()))
         # by absolute path: a relative --raw would otherwise be resolved in each worker's own folder
-        sources = [replace(source, path=source.path.absolute()) for source in sources]
+        sources = [replace(source, path=source.path.absolute(),
+                           series_files=tuple(path.absolute() for path in source.series_files))
+                   for source in sources]
         # a scan may queue behind one that runs into the limit, and be handed over to another worker
         wait_seconds = 2 * timeout_seconds + connect_timeout_seconds()
         outcomes = Parallel(backend=ReportingDaskBackend(client=client), return_as="generator",

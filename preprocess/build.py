@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from common.errors import UserError
 from preprocess import __version__
-from preprocess.cache import CacheError, CacheReader, CacheWriter, Failure, ScanRecord, stale_temp_files
+from preprocess.cache import (
+    CacheError, CacheReader, CacheWriter, Failure, ScanRecord, compute_fingerprint, stale_temp_files,
+)
 from preprocess.options import BuildOptions, check_options
 from preprocess.parallel import preprocessed_in_parallel
 from preprocess.scans import TIMEOUT_REASON
@@ -40,6 +42,7 @@ class BuildReport:
     reprocessed: int
     reused: int
     failures: list[Failure]
+    unlisted: int = 0  # with --labels: scan files under --raw that no row lists (ignored)
 
 
 def open_previous(options: BuildOptions) -> CacheReader | None:
@@ -57,7 +60,14 @@ def build_cache(options: BuildOptions) -> BuildReport:
     """Build or update the cache at options.out; see the module docstring."""
     check_options(options)
     out = Path(options.out)
-    sources, refused = find_sources(options.raw)
+    if options.labels is not None:
+        from preprocess.labels import find_labelled_sources
+
+        labelled = find_labelled_sources(options.raw, options.labels, options.normal_class)
+        sources, refused, unlisted, labels_sha256 = (labelled.sources, labelled.refused, labelled.unlisted,
+                                                     labelled.sha256)
+    else:
+        (sources, refused), unlisted, labels_sha256 = find_sources(options.raw), 0, None
     # leftovers of killed builds are cleaned only once this build has scans to work on: a build
     # refused for bad input changes nothing on disk and says one line
     for stale in stale_temp_files(out):
@@ -67,13 +77,14 @@ def build_cache(options: BuildOptions) -> BuildReport:
     preprocessing = options.preprocessing
     previous = open_previous(options)
     try:
-        return _build(options, preprocessing, sources, refused, previous)
+        report = _build(options, preprocessing, sources, refused, previous, labels_sha256)
+        return replace(report, unlisted=unlisted)
     finally:
         if previous is not None:
             previous.close()
 
 
-def _build(options, preprocessing, sources, refused, previous) -> BuildReport:
+def _build(options, preprocessing, sources, refused, previous, labels_sha256) -> BuildReport:
     reusable_rows: dict[str, tuple[int, ScanRecord]] = {}
     known_failures: dict[str, Failure] = {}
     if previous is not None and previous.preprocessing == preprocessing:
@@ -102,7 +113,8 @@ def _build(options, preprocessing, sources, refused, previous) -> BuildReport:
     if options.strict:
         known = [known_failures[source.relative_path] for source, action in plan if action == "failed"]
         _refuse_if_strict(known + refused_failures)
-    if previous is not None and not to_process and _same_contents(previous, plan, refused_failures, options):
+    if previous is not None and not to_process and _same_contents(previous, plan, refused_failures, options) \
+            and previous.fingerprint == _fingerprint_of(preprocessing, plan, reusable_rows, labels_sha256):
         log.info("%s is up to date (%d scans, %d failed)", options.out, len(previous), len(previous.failures()))
         return BuildReport(Path(options.out), True, len(previous), 0, len(previous), previous.failures())
     for failure in refused_failures:
@@ -114,12 +126,15 @@ def _build(options, preprocessing, sources, refused, previous) -> BuildReport:
                                  options.backend, options.scheduler) as outcomes,
         logging_redirect_tqdm(),
         tqdm(total=len(plan), desc="preprocess", unit="scan", disable=options.quiet) as bar,
-        CacheWriter(options.out, preprocessing, options.split_options, len(plan), __version__) as writer,
+        CacheWriter(options.out, preprocessing, options.split_options, len(plan), __version__,
+                    labels_sha256) as writer,
     ):
         reprocessed, reused = 0, 0
         for source, action in plan:
             if action == "reuse":
                 row, record = reusable_rows[source.relative_path]
+                # a labels file may have given the row another class: the volume is the same
+                record = replace(record, label=source.label, class_name=source.class_name)
                 writer.append(record, previous.read_volume(row))
                 reused += 1
             elif action == "failed":
@@ -179,9 +194,19 @@ def _same_contents(previous: CacheReader, plan, refused_failures, options: Build
     failed = {source.relative_path for source, action in plan if action == "failed"}
     failed |= {failure.source_path for failure in refused_failures}
     previous_rows = {record.source_path for record in previous.records()}
+    classes = {(source.relative_path, source.label, source.class_name) for source, action in plan if action == "reuse"}
+    previous_classes = {(record.source_path, record.label, record.class_name) for record in previous.records()}
     previous_failed = {failure.source_path for failure in previous.failures()}
     return (
         reused == previous_rows
+        and classes == previous_classes
         and failed == previous_failed
         and previous.split_options == options.split_options
     )
+
+
+def _fingerprint_of(preprocessing, plan, reusable_rows, labels_sha256) -> str:
+    """The fingerprint a build of only reused rows would write (it covers a labels file's content)."""
+    records = [reusable_rows[source.relative_path][1] for source, action in plan if action == "reuse"]
+    return compute_fingerprint(preprocessing, [record.scan_id for record in records],
+                               [record.source_sha256 for record in records], labels_sha256)

@@ -35,6 +35,8 @@ class BuildOptions:
     force: bool = False
     strict: bool = False
     quiet: bool = False
+    labels: Path | None = None  # a `path,class` CSV instead of class folders (preprocess.labels)
+    normal_class: str = "CT-0"  # the class whose scans get label 0
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -75,6 +77,10 @@ def check_options(options: BuildOptions) -> None:
         raise UserError(f"--jobs {options.jobs} is more worker processes than this tool starts (at most {MAX_JOBS})")
     if options.seed < 0:
         raise UserError(f"--seed must be non-negative, got {options.seed}")
+    if not options.normal_class.strip():
+        raise UserError("--normal-class needs a class name, e.g. CT-0 or normal")
+    if options.labels is None and options.normal_class != BuildOptions.normal_class:
+        raise UserError("--normal-class is for --labels FILE.csv; class folders are CT-k, and CT-0 is normal")
     out = Path(options.out)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file path such as {out / 'mosmed.h5'}")

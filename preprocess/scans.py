@@ -46,7 +46,7 @@ def process_source(source: Source, preprocessing: Preprocessing, timeout_seconds
     try:
         with time_limit(timeout_seconds):
             volume, info = preprocess_scan(
-                source.path, preprocessing.shape, preprocessing.hu_min, preprocessing.hu_max
+                source.path, preprocessing.shape, preprocessing.hu_min, preprocessing.hu_max, source.series_files
             )
     except ScanTimeout:
         return ScanOutcome(reason=f"{TIMEOUT_REASON} {timeout_seconds:g} s (--scan-timeout)")

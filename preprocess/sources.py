@@ -3,14 +3,22 @@
 MosMedData keeps one folder per severity grade, `CT-0` (normal) to `CT-4`; the full release
 nests them under `studies/`, and the tutorial's subsets use `CT-0` with `CT-1` or `CT-23`.
 Label 0 is `CT-0`, label 1 any other `CT-k`. The grade folder name is kept for severity work.
+
+A scan is a NIfTI file or a DICOM series (`preprocess.series`) anywhere below a class folder.
+A series' id is `<class>/<its folder below the class folder>`, or `<class>/<SeriesInstanceUID>`
+when that folder is not the series' alone (several series in it, one series over several
+folders, files directly in the class folder).
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import UserError
+from preprocess.series import Series, group_series, looks_like_dicom, require_pydicom, series_name
 
 CLASS_FOLDER = re.compile(r"^CT-(\d+)$")
 SCAN_SUFFIXES = (".nii.gz", ".nii")
@@ -25,8 +33,9 @@ class Source:
     scan_id: str  # "<class folder>/<file name without .nii[.gz]>"
     class_name: str
     label: int
-    size: int
-    mtime_ns: int
+    size: int  # a series: the bytes of all its files
+    mtime_ns: int  # a series: a digest of its files' names, sizes and mtimes, so any change shows
+    series_files: tuple[Path, ...] = ()  # a DICOM series' files, sorted; empty for a NIfTI file
 
 
 def scan_stem(name: str) -> str | None:
@@ -55,13 +64,19 @@ def find_sources(raw: Path) -> tuple[list[Source], list[tuple[Path, str]]]:
         raise UserError(f"raw folder {raw} is not a folder")
     found: dict[str, Source] = {}
     refused: list[tuple[Path, str]] = []
+    dicom_files: dict[Path, list[Path]] = {}  # class folder -> candidate DICOM files below it
     for path in sorted(raw.rglob("*")):
-        stem = scan_stem(path.name)
-        if stem is None or path.name.startswith(".") or not path.is_file():
+        if path.name.startswith(".") or not path.is_file():
             continue
-        class_folder = next((part for part in reversed(path.relative_to(raw).parts[:-1])
-                             if CLASS_FOLDER.match(part)), None)
-        if class_folder is None:
+        parts = path.relative_to(raw).parts[:-1]
+        depth = next((index for index in range(len(parts) - 1, -1, -1) if CLASS_FOLDER.match(parts[index])), None)
+        if depth is None:
+            continue
+        class_folder = parts[depth]
+        stem = scan_stem(path.name)
+        if stem is None:
+            if looks_like_dicom(path):
+                dicom_files.setdefault(raw.joinpath(*parts[: depth + 1]), []).append(path)
             continue
         scan_id = f"{class_folder}/{stem}"
         if scan_id in found:
@@ -73,6 +88,46 @@ def find_sources(raw: Path) -> tuple[list[Source], list[tuple[Path, str]]]:
             class_name=class_folder, label=label_for_class(class_folder),
             size=stat.st_size, mtime_ns=stat.st_mtime_ns,
         )
+    for class_path, files in sorted(dicom_files.items()):
+        require_pydicom(files[0])
+        series, refused_files = group_series(files)
+        refused.extend(refused_files)
+        for one in series:
+            source = series_source(raw, class_path, one, series)
+            if source.scan_id in found:
+                refused.append((one.files[0], f"duplicate scan id {source.scan_id} (also "
+                                              f"{found[source.scan_id].relative_path})"))
+            else:
+                found[source.scan_id] = source
     if not found and not refused:
         raise UserError(f"no scans in {raw}: expected .nii or .nii.gz files inside CT-0, CT-1, ... folders")
     return sorted(found.values(), key=lambda source: source.scan_id), refused
+
+
+def series_source(raw: Path, class_path: Path, series: Series, neighbours: list[Series]) -> Source:
+    """A DICOM series as a scan: its id, its path in the cache, and a fingerprint of all its files."""
+    class_name = class_path.name
+    folder_name = series_name(series, neighbours, class_path)
+    if folder_name is not None:
+        scan_id = f"{class_name}/{folder_name}"
+        folder = next(iter(series.folders))
+        relative_path = folder.relative_to(raw).as_posix()
+    else:
+        scan_id = f"{class_name}/{series.uid}"
+        folder = Path(os.path.commonpath([str(path.parent) for path in series.files]))
+        relative_path = f"{folder.relative_to(raw).as_posix()}/{series.uid}"
+    size, stamp = series_fingerprint(series.files, raw)
+    return Source(path=folder, relative_path=relative_path, scan_id=scan_id, class_name=class_name,
+                  label=label_for_class(class_name), size=size, mtime_ns=stamp, series_files=series.files)
+
+
+def series_fingerprint(files: tuple[Path, ...], raw: Path) -> tuple[int, int]:
+    """(total bytes, a 63-bit digest of every file's name, size and mtime): adding, removing or
+    changing one slice changes it, as a NIfTI file's (size, mtime) does."""
+    digest = hashlib.sha256()
+    total = 0
+    for path in sorted(files):
+        stat = path.stat()
+        total += stat.st_size
+        digest.update(f"{path.relative_to(raw).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return total, int.from_bytes(digest.digest()[:8], "big") >> 1

@@ -17,6 +17,8 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
+from preprocess.resize import resize_axis, resize_volume  # noqa: F401 (resize_axis: part of this module's API)
+
 try:  # ISA-L inflates gzip about 2x faster than zlib, and inflating is most of a scan's cost.
     from isal import isal_zlib as _zlib
 except ImportError:  # pragma: no cover - isal is a declared dependency
@@ -184,7 +186,12 @@ def open_scan(path: Path) -> OpenedScan:
     slope, intercept = image.dataobj.slope, image.dataobj.inter
     if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
         raise ScanError(f"unusable intensity scaling (scl_slope={slope}, scl_inter={intercept})")
-    affine = image.affine
+    return canonical_scan(stored, image.affine, slope, intercept, digest)
+
+
+def canonical_scan(stored: np.ndarray, affine: np.ndarray, slope: float, intercept: float,
+                   digest: str) -> OpenedScan:
+    """A stored (i, j, k) array and its RAS affine, seen in canonical RAS order: NIfTI and DICOM alike."""
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ScanError("degenerate affine (orientation cannot be determined)")
     stored_orientation = orientations.io_orientation(affine)
@@ -216,77 +223,28 @@ def window_volume(hu: np.ndarray, hu_min: float, hu_max: float) -> np.ndarray:
     return hu
 
 
-def resize_volume(volume: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Resize each axis separately: area average to shrink, linear interpolation to enlarge."""
-    if volume.T.flags.c_contiguous and not volume.flags.c_contiguous:
-        # NIfTI data is Fortran-ordered: resize its C-ordered transpose, transpose the small result
-        return np.ascontiguousarray(resize_volume(volume.T, tuple(shape)[::-1]).T)
-    # shrink first so the later axes work on the smaller array
-    order = sorted(range(3), key=lambda axis: shape[axis] / volume.shape[axis])
-    for axis in order:
-        volume = resize_axis(volume, shape[axis], axis)
-    return np.ascontiguousarray(volume, dtype=np.float32)
+def open_any_scan(path: Path, series_files: tuple[Path, ...] = ()) -> OpenedScan:
+    """A NIfTI file, or a DICOM series: its files if given, else the one series in folder `path`."""
+    if not series_files and not Path(path).is_dir():
+        return open_scan(Path(path))
+    from preprocess.dicom import open_series, open_series_folder  # pydicom: only for DICOM
 
-
-def resize_axis(volume: np.ndarray, size: int, axis: int) -> np.ndarray:
-    """Resample one axis to `size` samples (see `resize_volume`)."""
-    length = volume.shape[axis]
-    if size == length:
-        return volume
-    if size < length and length % size == 0:
-        return _block_mean(volume, length // size, axis)
-    moved = np.moveaxis(volume, axis, 0)
-    if size < length:
-        result = _area_average(moved, size)
-    else:
-        result = _linear(moved, size)
-    return np.moveaxis(result, 0, axis)
-
-
-def _block_mean(volume: np.ndarray, factor: int, axis: int) -> np.ndarray:
-    """Exact area average for an integer factor: the mean of each run of `factor` voxels."""
-    # summing strided slices is ~4x faster than reshape(...).mean() when the axis is innermost
-    step = (slice(None),) * axis
-    total = volume[step + (slice(0, None, factor),)].astype(np.float32, copy=True)
-    for offset in range(1, factor):
-        total += volume[step + (slice(offset, None, factor),)]
-    total *= np.float32(1.0 / factor)
-    return total
-
-
-def _area_average(moved: np.ndarray, size: int) -> np.ndarray:
-    """Mean over each output voxel's footprint [i, i+1) * length/size, counting partial voxels."""
-    length = moved.shape[0]
-    cumulative = np.zeros((length + 1, *moved.shape[1:]), dtype=np.float64)
-    np.cumsum(moved, axis=0, out=cumulative[1:])
-    edges = np.arange(size + 1) * (length / size)
-    lower = np.minimum(np.floor(edges).astype(np.int64), length - 1)
-    fraction = (edges - lower).reshape(-1, *([1] * (moved.ndim - 1)))
-    at_edges = cumulative[lower] + fraction * (cumulative[lower + 1] - cumulative[lower])
-    return (np.diff(at_edges, axis=0) * (size / length)).astype(np.float32)
-
-
-def _linear(moved: np.ndarray, size: int) -> np.ndarray:
-    """Linear interpolation with voxel centres aligned the way area averaging aligns them."""
-    length = moved.shape[0]
-    position = np.clip((np.arange(size) + 0.5) * (length / size) - 0.5, 0, length - 1)
-    lower = np.floor(position).astype(np.int64)
-    upper = np.minimum(lower + 1, length - 1)
-    weight = (position - lower).astype(np.float32).reshape(-1, *([1] * (moved.ndim - 1)))
-    return moved[lower] * (1 - weight) + moved[upper] * weight
+    return open_series(series_files) if series_files else open_series_folder(Path(path))
 
 
 def preprocess_scan(
-    path: Path, shape: tuple[int, int, int], hu_min: float, hu_max: float
+    path: Path, shape: tuple[int, int, int], hu_min: float, hu_max: float, series_files: tuple[Path, ...] = ()
 ) -> tuple[np.ndarray, ScanInfo]:
     """The whole per-scan transform: load, reorient, window, resize. Returns float32 in [0, 1].
+
+    `path` is a NIfTI file or a DICOM series folder; `series_files`, when given, are the series' files.
 
     Slices are windowed and resized in-plane a slab at a time, so the full-size float32 copy
     of the scan never exists: the working set stays in the CPU cache, which is what lets two
     workers share a memory bus. Each slice is resized on its own, so the result is the same
     as transforming the whole volume at once.
     """
-    scan = open_scan(path)
+    scan = open_any_scan(path, series_files)
     depth = scan.stored.shape[2]
     slabs = []
     for start in range(0, depth, SLAB_SLICES):

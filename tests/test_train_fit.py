@@ -232,3 +232,31 @@ def test_the_schema_version_is_checked_before_training(tiny_cache, tmp_path):
     with pytest.raises(UserError, match="schema version 99"):
         fit_model(tiny_options(cache, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_predict_reads_a_dicom_series_folder_like_the_same_scan_as_nifti(trained_run, tiny_cache, synthetic_raw,
+                                                                         tmp_path, capsys):
+    pytest.importorskip("pydicom")
+    import nibabel as nib
+
+    from dicom_series import write_series
+
+    with CacheReader(tiny_cache) as reader:
+        nifti = synthetic_raw / reader.records()[0].source_path
+    image = nib.load(nifti)
+    spacing = tuple(float(value) for value in np.diag(image.affine)[:3])
+    folder = tmp_path / "patient" / "series"
+    write_series(folder, np.asarray(image.dataobj).astype(np.int16), spacing, "feet-first-supine", intercept=-1024,
+                 reverse_on_disk=True)
+    as_nifti, as_dicom = predict_scans(trained_run, [nifti, folder])
+    assert as_dicom.error is None
+    assert as_dicom.probability_abnormal == pytest.approx(as_nifti.probability_abnormal, abs=1e-6)
+    # a folder that is not one usable series gets one line, in build's words
+    write_series(tmp_path / "two", np.asarray(image.dataobj).astype(np.int16), spacing)
+    write_series(tmp_path / "two", np.asarray(image.dataobj).astype(np.int16), spacing, series_uid="1.2.3.4", suffix="")
+    sorted(folder.iterdir())[3].unlink()
+    assert main(["predict", str(trained_run), str(tmp_path / "two"), str(folder)]) == 1
+    errors = sorted(capsys.readouterr().err.strip().splitlines(), key=lambda line: "two" not in line)
+    assert len(errors) == 2
+    assert errors[0].startswith(f"python -m train: error: {tmp_path / 'two'}: 2 DICOM series in this folder")
+    assert errors[1].startswith(f"python -m train: error: {folder}: missing slices: 1 missing")

@@ -80,13 +80,14 @@ def make_parser() -> ArgumentParser:
     evaluate.add_argument("--split", choices=SPLITS, default="test", help="which split of the cache to evaluate")
 
     predict = commands.add_parser(
-        "predict", help="classify raw NIfTI scans with a run's best model", formatter_class=defaults,
-        description="Preprocess .nii/.nii.gz scans exactly like the run's training cache and print, per scan, "
+        "predict", help="classify raw NIfTI scans or DICOM series with a run's best model", formatter_class=defaults,
+        description="Preprocess .nii/.nii.gz scans or DICOM series folders exactly like the run's training cache and print, per scan, "
         "how confident the model is in its predicted class. Unreadable scans get an error line each "
         "(stderr); the others are still predicted, and the exit code is 1 if any failed.",
     )
     predict.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory written by `fit`")
-    predict.add_argument("scans", type=Path, nargs="+", metavar="SCAN", help=".nii or .nii.gz CT scan")
+    predict.add_argument("scans", type=Path, nargs="+", metavar="SCAN",
+                         help=".nii or .nii.gz CT scan, or a folder holding one DICOM series")
     predict.add_argument("--json", action="store_true", help="print a JSON list instead of sentences")
     predict.add_argument("--explain", type=Path, default=None, metavar="OUT_DIR",
                          help="also write a Grad-CAM montage per scan into OUT_DIR (<scan>_gradcam.png): where the "

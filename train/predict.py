@@ -1,4 +1,4 @@
-"""`predict`: raw NIfTI scans -> P(abnormal), preprocessed exactly as the run's training cache was.
+"""`predict`: raw NIfTI scans or DICOM series folders -> P(abnormal), preprocessed exactly as the run's training cache was.
 
 The shape and Hounsfield window come from the run's config.json (copied from the cache), and
 the transform is `preprocess.volume.preprocess_scan`, the function that built the cache. A run

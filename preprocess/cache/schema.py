@@ -63,11 +63,17 @@ class Failure:
     source_mtime_ns: int
 
 
-def compute_fingerprint(preprocessing: Preprocessing, scan_ids, source_sha256) -> str:
-    """Identify a cache's content: same options and same source files give the same value."""
+def compute_fingerprint(preprocessing: Preprocessing, scan_ids, source_sha256, labels_sha256: str | None = None) -> str:
+    """Identify a cache's content: same options and same source files give the same value.
+
+    A build from a labels file (`build --labels`) adds the file's sha256, so a relabelled cache
+    never passes for the old one; a build from class folders has its labels in its scan ids.
+    """
     digest = hashlib.sha256(json.dumps(preprocessing.to_json(), sort_keys=True).encode())
     for scan_id, sha in zip(scan_ids, source_sha256):
         digest.update(f"\n{scan_id}\t{sha}".encode())
+    if labels_sha256 is not None:
+        digest.update(f"\nlabels\t{labels_sha256}".encode())
     return digest.hexdigest()
 
 

@@ -28,12 +28,13 @@ class CacheWriter:
     """
 
     def __init__(self, out: Path, preprocessing: Preprocessing, split_options: SplitOptions,
-                 capacity: int, package_version: str):
+                 capacity: int, package_version: str, labels_sha256: str | None = None):
         self.out = Path(out)
         self.preprocessing = preprocessing
         self.split_options = split_options
         self.capacity = capacity
         self.package_version = package_version
+        self.labels_sha256 = labels_sha256
         self.temp_path = temp_path_for(self.out)
         self.records: list[ScanRecord] = []
         self.file: h5py.File | None = None
@@ -143,7 +144,7 @@ class CacheWriter:
         attrs["package_version"] = self.package_version
         attrs["created_utc"] = np.datetime64("now", "s").astype(str) + "Z"
         attrs["fingerprint"] = compute_fingerprint(
-            self.preprocessing, column("scan_id"), column("source_sha256")
+            self.preprocessing, column("scan_id"), column("source_sha256"), self.labels_sha256
         )
 
 

@@ -30,7 +30,9 @@ HEADLINE_METRICS = {
 }
 METRIC_LABELS = {"auc": "AUC", "macro_auc": "macro AUC", "quadratic_weighted_kappa": "quadratic weighted kappa"}
 BINARY_CLASS_NAMES = ("normal", "abnormal")
-GRADE_PATTERN = re.compile(r"CT-(\d+)")
+# a class's grade is the first whole number in its name: CT-2 -> 2, and with `build --labels`
+# names such as 0-normal, 1-mild, grade3 -> 0, 1, 3; severity needs one distinct grade per class
+GRADE_NUMBER = re.compile(r"\d+")
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ class Task:
     @property
     def grade_numbers(self) -> tuple[int, ...]:
         """The k of each CT-k (severity), used as the ordinal distance in the weighted kappa."""
-        return tuple(int(GRADE_PATTERN.fullmatch(name).group(1)) for name in self.class_names)
+        return tuple(grade_number(name) for name in self.class_names)
 
 
 def make_task(name: str, reader: CacheReader) -> Task:
@@ -72,10 +74,15 @@ def make_task(name: str, reader: CacheReader) -> Task:
     if name != "severity":
         raise UserError(f"--task must be one of {', '.join(TASKS)}, got {name!r}")
     grades = sorted(set(reader.class_names), key=_grade_number)
-    unknown = [grade for grade in grades if not GRADE_PATTERN.fullmatch(grade)]
+    unknown = [grade for grade in grades if grade_number(grade) is None]
     if unknown:
         raise UserError(f"--task severity needs MosMedData grades (CT-0 ... CT-4) as class names; {reader.path} "
-                        f"has {unknown[0]!r}")
+                        f"has {unknown[0]!r} (with --labels, put the grade number in each class name: "
+                        "0-normal, 1-mild, 2-severe)")
+    for first, second in zip(grades, grades[1:]):
+        if grade_number(first) == grade_number(second):
+            raise UserError(f"--task severity: {reader.path} has the classes {first!r} and {second!r}, both "
+                            f"grade {grade_number(first)}; each class needs its own grade number")
     if len(grades) < 2:
         raise UserError(f"--task severity needs at least two grades; {reader.path} has only {grades[0]}")
     return Task("severity", tuple(grades))
@@ -86,14 +93,20 @@ def task_from_config(config: dict) -> Task:
     name = (config.get("options") or {}).get("task", "binary")
     names = config.get("class_names") or list(BINARY_CLASS_NAMES)
     if name not in TASKS or not isinstance(names, list) or not all(isinstance(item, str) for item in names) \
-            or (name == "severity" and not all(GRADE_PATTERN.fullmatch(item) for item in names)):
+            or (name == "severity" and not all(grade_number(item) is not None for item in names)):
         raise UserError("config.json: damaged task or class names")
     return Task(name, tuple(names))
 
 
+def grade_number(name: str) -> int | None:
+    """A class's grade: the first whole number in its name (CT-3 -> 3, 1-mild -> 1), None if it has none."""
+    match = GRADE_NUMBER.search(name)
+    return int(match.group()) if match else None
+
+
 def _grade_number(name: str) -> tuple[int, str]:
-    match = GRADE_PATTERN.fullmatch(name)
-    return (int(match.group(1)) if match else 10**9, name)
+    number = grade_number(name)
+    return (10**9 if number is None else number, name)
 
 
 def class_indices(task: Task, reader: CacheReader, rows: np.ndarray) -> np.ndarray:
