@@ -180,6 +180,23 @@ def test_predict_explain_writes_one_montage_per_scan(one_epoch_run, synthetic_ra
             f"[Grad-CAM: {out / (scan.name.removesuffix('.nii.gz') + '_gradcam.png')}]")
 
 
+def test_predict_explain_keeps_a_montage_for_each_of_two_scans_with_one_name(one_epoch_run, synthetic_raw,
+                                                                             tmp_path, capsys):
+    from train.__main__ import main
+
+    source = sorted(synthetic_raw.rglob("*.nii.gz"))[0]
+    scans = [tmp_path / site / "ct.nii.gz" for site in ("site-a", "site-b")]
+    for scan in scans:
+        scan.parent.mkdir()
+        scan.write_bytes(source.read_bytes())
+    out = tmp_path / "explanations"
+    assert main(["predict", str(one_epoch_run), *map(str, scans), "--explain", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert sorted(path.name for path in out.iterdir()) == ["ct-2_gradcam.png", "ct_gradcam.png"]
+    assert lines[0].endswith(f"[Grad-CAM: {out / 'ct_gradcam.png'}]")
+    assert lines[1].endswith(f"[Grad-CAM: {out / 'ct-2_gradcam.png'}]")
+
+
 def test_predict_explain_into_a_file_is_one_line(one_epoch_run, synthetic_raw, tmp_path, capsys):
     from train.__main__ import main
 

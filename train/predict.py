@@ -67,7 +67,8 @@ class Prediction:
 def predict_scans(run_dir: Path, scans: list[Path], explain_dir: Path | None = None) -> list[Prediction]:
     """The model's probabilities for every scan, in order; a scan that cannot be used gets an error instead.
 
-    With `explain_dir`, each scan's Grad-CAM montage is written there as <scan name>_gradcam.png.
+    With `explain_dir`, each scan's Grad-CAM montage is written there as <scan name>_gradcam.png
+    (`explanation_names`).
     """
     run_dir = Path(run_dir)
     config = open_run(run_dir)
@@ -85,7 +86,8 @@ def predict_scans(run_dir: Path, scans: list[Path], explain_dir: Path | None = N
                         f"config.json's shape {shape} to {task.output_units} output(s) for its "
                         f"{task.classes} classes; the run directory was changed by hand")
     predictions = []
-    for scan in scans:
+    image_names = explanation_names(scans)
+    for scan, image_name in zip(scans, image_names):
         try:
             volume, _ = preprocess_scan(Path(scan), shape, preprocessing.hu_min, preprocessing.hu_max)
         except Exception as error:  # the scan's fault, said as `build` says it
@@ -99,22 +101,32 @@ def predict_scans(run_dir: Path, scans: list[Path], explain_dir: Path | None = N
                 name: float(value) for name, value in zip(task.class_names, probabilities)})
         if explain_dir is not None:
             prediction = replace(prediction, explanation=str(explain_scan(model, volume, prediction, task,
-                                                                          Path(explain_dir))))
+                                                                          Path(explain_dir) / image_name)))
         predictions.append(prediction)
     return predictions
 
 
-def explain_scan(model, volume: np.ndarray, prediction: Prediction, task, folder: Path) -> Path:
-    """Write the Grad-CAM montage of one scan for its predicted class (abnormal, for a binary model)."""
+def explanation_names(scans: list[Path]) -> list[str]:
+    """`<scan name>_gradcam.png` for each scan; a name that repeats (two DICOM folders both called `ct`,
+    study_0001 of two classes) gets -2, -3, ... in order, so no montage overwrites another."""
+    names, seen = [], {}
+    for scan in scans:
+        stem = Path(scan).name.removesuffix(".gz").removesuffix(".nii") or "scan"
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(f"{stem}_gradcam.png" if seen[stem] == 1 else f"{stem}-{seen[stem]}_gradcam.png")
+    return names
+
+
+def explain_scan(model, volume: np.ndarray, prediction: Prediction, task, path: Path) -> Path:
+    """Write the Grad-CAM montage of one scan for its predicted class (abnormal, for a binary model) to `path`."""
     from train.explain import compute_grad_cam, save_explanation
 
     class_index = None if task.is_binary else task.class_names.index(prediction.predicted_class)
     heat_map = compute_grad_cam(model, volume, class_index)
-    name = Path(prediction.scan).name.removesuffix(".gz").removesuffix(".nii")
     explained = "abnormal" if task.is_binary else prediction.predicted_class
     title = (f"{Path(prediction.scan).name}: Grad-CAM for '{explained}' "
              f"(predicted {prediction.predicted_class}, {prediction.confidence_percent:.1f}%)")
-    return save_explanation(volume, heat_map, folder / f"{name}_gradcam.png", title)
+    return save_explanation(volume, heat_map, path, title)
 
 
 def describe_prediction(prediction: Prediction) -> str:
