@@ -56,6 +56,30 @@ def test_series_gives_the_same_array_as_nifti(chest, nifti_reference, tmp_path, 
     assert record.label == 1 and record.class_name == "CT-1"
 
 
+@pytest.mark.parametrize("orientation", ["head-first-supine", "feet-first-supine"])
+@pytest.mark.parametrize("reverse_on_disk", [False, True])
+@pytest.mark.filterwarnings("ignore:The DICOM readers are highly experimental")
+def test_geometry_agrees_with_nibabels_own_dicom_reader(chest, tmp_path, orientation, reverse_on_disk):
+    # an independent implementation of DICOM's pixel-to-patient mapping (nibabel.nicom), not ours
+    # and not the test writer's: the in-plane axes and the origin of the first slice along the normal
+    from nibabel.nicom import dicomwrappers
+
+    from preprocess.dicom import LPS_TO_RAS, series_affine, slice_geometry
+
+    hu, spacing = chest
+    paths = write_series(tmp_path, hu, spacing, orientation, reverse_on_disk=reverse_on_disk)
+    slices = [(path.name, pydicom.dcmread(path)) for path in sorted(paths)]
+    geometry = slice_geometry(slices)
+    order = np.argsort(geometry["positions"], kind="stable")
+    ours = series_affine(geometry, order)
+    theirs = LPS_TO_RAS @ dicomwrappers.wrapper_from_data(slices[order[0]][1]).affine
+    # nibabel indexes (row, column, slice); we index (column, row, slice), as NIfTI stores a slice
+    np.testing.assert_allclose(ours[:3, [1, 0]], theirs[:3, :2], atol=1e-6)
+    np.testing.assert_allclose(ours[:3, 3], theirs[:3, 3], atol=1e-6)
+    # the slice axis steps from the first slice to the next along the normal nibabel uses, up to its sign
+    np.testing.assert_allclose(abs(ours[:3, 2] @ theirs[:3, 2]), np.linalg.norm(ours[:3, 2]), rtol=1e-6)
+
+
 def test_first_pixel_of_a_head_first_series_lands_right_anterior_inferior(tmp_path):
     """DICOM's own convention, independent of the test writer: columns run to the patient's left,
     rows to the back, so pixel (0, 0) of the lowest slice is the right-most, front-most, lowest voxel."""
