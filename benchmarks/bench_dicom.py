@@ -13,6 +13,7 @@ in which the two take turns (this VM's speed drifts by tens of percent within mi
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,38 +25,11 @@ from preprocess.sources import find_sources
 from preprocess.synth import make_phantom, write_phantom
 from preprocess.volume import preprocess_scan
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from dicom_series import write_series  # noqa: E402  the tests' pydicom series writer, one copy
+
 SHAPE = (128, 128, 64)
 WINDOW = (-1000.0, 400.0)
-
-
-def write_series(folder: Path, hu: np.ndarray, affine: np.ndarray, series_uid: str) -> None:
-    """`hu` (RAS, diagonal affine) as one DICOM file per slice, head-first supine (LPS: flip x and y)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir(parents=True, exist_ok=True)
-    spacing = np.diag(affine)[:3]
-    stored = (hu[::-1, ::-1, :].astype(np.int32) + 1024).astype(np.uint16)  # columns to the left, rows to the back
-    for index in range(stored.shape[2]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        dataset = Dataset()
-        dataset.file_meta = meta
-        dataset.SOPClassUID, dataset.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        dataset.SeriesInstanceUID, dataset.Modality, dataset.InstanceNumber = series_uid, "CT", index + 1
-        dataset.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        dataset.ImagePositionPatient = [0.0, 0.0, round(float(index * spacing[2]), 4)]
-        dataset.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        dataset.PixelSpacing = [round(float(spacing[1]), 6), round(float(spacing[0]), 6)]
-        dataset.Rows, dataset.Columns = stored.shape[1], stored.shape[0]
-        dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
-        dataset.BitsAllocated = dataset.BitsStored = 16
-        dataset.HighBit, dataset.PixelRepresentation = 15, 0
-        dataset.RescaleSlope, dataset.RescaleIntercept = 1, -1024
-        dataset.PixelData = np.ascontiguousarray(stored[:, :, index].T).tobytes()
-        dataset.save_as(folder / f"IM{index + 1:04d}.dcm", enforce_file_format=True)
 
 
 def make_archives(root: Path, count: int) -> tuple[Path, Path]:
@@ -64,7 +38,8 @@ def make_archives(root: Path, count: int) -> tuple[Path, Path]:
         phantom = make_phantom(0, number, bool(number % 2), size=512)
         (nifti / "CT-0").mkdir(parents=True, exist_ok=True)
         write_phantom(phantom, nifti / "CT-0" / f"study_{number:04d}.nii.gz")
-        write_series(dicom / "CT-0" / f"study_{number:04d}", phantom.hu, phantom.affine, f"1.2.826.0.1.3680043.8.498.{number + 1}")
+        write_series(dicom / "CT-0" / f"study_{number:04d}", phantom.hu, np.diag(phantom.affine)[:3],
+                     series_uid=f"1.2.826.0.1.3680043.8.498.{number + 1}", intercept=-1024.0)
     return nifti, dicom
 
 

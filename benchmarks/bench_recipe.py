@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # train's own option parsing, to check kept runs against their arms
 SHAPE = (64, 64, 32)
 SETS = {  # name: (synth flags, epochs)
     "standard": (["--seed", "101"], 30),
@@ -74,7 +75,6 @@ def make_cache(out: Path, name: str, scans: int) -> Path:
 
 def recipe_choices(flags: list[str]) -> dict:
     """The training choices `fit` resolves for these flags: recipe values where no flag overrides them."""
-    sys.path.insert(0, str(ROOT))
     from train.__main__ import fit_options_of, make_parser  # TensorFlow-free
     from train.options import RECIPES, resolve_recipe
 
