@@ -55,6 +55,8 @@ ARMS = {  # name: fit flags
     "precise-fp32": ["--precision", "float32"],  # does bfloat16 cost AUC?
     "precise-max": ["--pooling", "max"],  # the head: does the maximum find small lesions the mean dilutes?
     "precise-avgmax": ["--pooling", "avgmax"],
+    "precise-lr3e-4": ["--lr", "3e-4"],  # the peak rate: 1e-3 against the tutorial's 1e-4
+    "precise-lr1e-4": ["--lr", "1e-4"],
     "precise": [],  # the default recipe
 }
 DEGENERATE_WINDOW = 20
