@@ -55,8 +55,12 @@ ARMS = {  # name: fit flags
     "precise-fp32": ["--precision", "float32"],  # does bfloat16 cost AUC?
     "precise-max": ["--pooling", "max"],  # the head: does the maximum find small lesions the mean dilutes?
     "precise-avgmax": ["--pooling", "avgmax"],
-    "precise-lr3e-4": ["--lr", "3e-4"],  # the peak rate: 1e-3 against the tutorial's 1e-4
+    "precise-lr1e-3": ["--lr", "1e-3"],  # the peak rate: the first default, 3e-4 and the tutorial's 1e-4
     "precise-lr1e-4": ["--lr", "1e-4"],
+    # the first default (peak rate 1e-3) with one choice changed: the 120-phantom runs of session 4
+    "lr1e-3-fp32": ["--lr", "1e-3", "--precision", "float32"],
+    "lr1e-3-max": ["--lr", "1e-3", "--pooling", "max"],
+    "lr1e-3-avgmax": ["--lr", "1e-3", "--pooling", "avgmax"],
     "precise": [],  # the default recipe
 }
 DEGENERATE_WINDOW = 20

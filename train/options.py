@@ -41,7 +41,7 @@ MAX_BENCH_SAMPLES = 1_000_000
 RECIPES = {
     "tutorial": {"learning_rate": 1e-4, "schedule": "tutorial", "warmup_epochs": 0, "bn_momentum": 0.99,
                  "precise_bn_scans": 0, "precision": "float32", "pooling": "avg"},
-    "precise": {"learning_rate": 1e-3, "schedule": "cosine", "warmup_epochs": 1, "bn_momentum": 0.9,
+    "precise": {"learning_rate": 3e-4, "schedule": "cosine", "warmup_epochs": 1, "bn_momentum": 0.9,
                 "precise_bn_scans": 32, "precision": "auto", "pooling": "avg"},
 }
 DEFAULT_RECIPE = "precise"
