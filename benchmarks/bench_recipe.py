@@ -83,11 +83,11 @@ def make_cache(out: Path, name: str) -> Path:
         python("preprocess", "synth", "--out", str(raw), "--normal", str(scans // 2), "--abnormal",
                str(scans - scans // 2), "--size", "128", "--quiet", *flags)
         python("preprocess", "build", "--raw", str(raw), "--out", str(cache), "--shape", *map(str, SHAPE), "--quiet")
-    import h5py
+    from preprocess.cache import CacheReader  # the one reader of the cache's layout
 
-    with h5py.File(cache, "r") as kept:
-        if len(kept["labels"]) != scans:
-            sys.exit(f"{cache}: holds {len(kept['labels'])} phantoms, the {name} set has {scans}; move it aside")
+    with CacheReader(cache) as kept:
+        if len(kept) != scans:
+            sys.exit(f"{cache}: holds {len(kept)} phantoms, the {name} set has {scans}; move it aside")
     return cache
 
 
