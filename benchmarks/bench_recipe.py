@@ -8,7 +8,8 @@ Synthetic sets the demo and the tests never use (their own phantom seeds), 64 x 
                 kept to compare with; too few phantoms to learn the lesions from, and too few
                 held out to measure an AUC near 1 (one scan moves it by 0.01-0.05)
   subtle        normal against CT-1 only: lesions covering under 25% of the lung, drawn uniformly
-                in (0, 25%], as MosMedData's CT-1; 120 phantoms, 30 epochs
+                in (0, 25%], as MosMedData's CT-1; 360 phantoms (252 / 54 / 54), 30 epochs
+  subtle-120    the same kind, 120 phantoms (84 / 18 / 18), 30 epochs: the first benchmark's set
 Every run is a real `python -m train fit` process with --patience equal to --epochs (no early
 stop, so every run has the same number of validation epochs). For each arm and set it prints:
   - degenerate validation epochs: every validation scan called one class (val sensitivity or
@@ -21,7 +22,7 @@ stop, so every run has the same number of validation epochs). For each arm and s
 Runs are kept in --out, and a run already finished there is read, not repeated: an interrupted
 benchmark continues where it stopped, and more seeds or arms can be added later.
 
-    python benchmarks/bench_recipe.py [--seeds 5] [--arms tutorial precise ...] [--sets standard subtle standard-120]
+    python benchmarks/bench_recipe.py [--seeds 5] [--arms tutorial precise ...] [--sets standard subtle standard-120 subtle-120]
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ SHAPE = (64, 64, 32)
 SETS = {  # name: (synth flags, phantoms, epochs)
     "standard": (["--seed", "101"], 360, 20),
     "standard-120": (["--seed", "101"], 120, 30),  # the first benchmark's size: 84 training phantoms
-    "subtle": (["--grades", "1", "--seed", "102"], 120, 30),
+    "subtle": (["--grades", "1", "--seed", "102"], 360, 30),
+    "subtle-120": (["--grades", "1", "--seed", "102"], 120, 30),  # the first benchmark's size
 }
 ARMS = {  # name: fit flags
     "tutorial": ["--recipe", "tutorial"],

@@ -4,7 +4,7 @@ For every finished run of a set, prints the test AUC of the model `fit` chose (b
 AUC, metrics.json) and the validation and test AUC of the run's last-epoch model. On a small
 validation split the choice of the best epoch can follow noise; this shows whether it does.
 
-    python benchmarks/probe_last_model.py standard-120 subtle [--out runs/bench_recipe]
+    python benchmarks/probe_last_model.py standard-120 subtle-120 [--out runs/bench_recipe]
 """
 from __future__ import annotations
 

@@ -1,0 +1,72 @@
+"""Cost of one training step, and of one forward pass, per scan: by batch size and precision.
+
+Builds the default network (the tutorial's layers), and times `train_on_batch` and
+`predict_on_batch` on random volumes after a warm-up, so neither data loading nor tracing is
+counted. It answers two questions about the recipe benchmark's epochs: does a larger batch make
+an epoch cheaper on this hardware (per-scan cost falling with the batch), and what does
+bfloat16 save over float32.
+
+    python benchmarks/bench_step.py [--shape 64 64 32] [--batch-sizes 2 4 8] [--precisions mixed_bfloat16 float32]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+WARMUP_STEPS = 3
+SCANS_TIMED = 48  # per batch size: at least 4 steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", type=int, nargs=3, default=[64, 64, 32], metavar=("H", "W", "D"))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--precisions", nargs="+", default=["mixed_bfloat16", "float32"],
+                        choices=("mixed_bfloat16", "float32"))
+    parser.add_argument("--padding", default="same", choices=("same", "valid"))
+    arguments = parser.parse_args()
+
+    import keras
+    import numpy as np
+
+    from train.network.model import build_model
+
+    print(f"{'x'.join(map(str, arguments.shape))}, padding {arguments.padding}, "
+          f"{os.cpu_count()} CPUs; seconds per scan (per step)")
+    print("| precision | batch | training step | forward pass |")
+    print("|---|---|---|---|")
+    random = np.random.default_rng(0)
+    for precision in arguments.precisions:
+        for batch_size in arguments.batch_sizes:
+            keras.utils.set_random_seed(0)
+            model = build_model(tuple(arguments.shape), padding=arguments.padding, precision=precision,
+                                bn_momentum=0.9)
+            model.compile(optimizer=keras.optimizers.Adam(3e-4), loss="binary_crossentropy")
+            volumes = random.random((batch_size, *arguments.shape, 1), dtype=np.float32)
+            labels = random.integers(0, 2, (batch_size, 1)).astype(np.float32)
+            for _ in range(WARMUP_STEPS):
+                model.train_on_batch(volumes, labels)
+                model.predict_on_batch(volumes)
+            steps = max(4, SCANS_TIMED // batch_size)
+            start = time.perf_counter()
+            for _ in range(steps):
+                model.train_on_batch(volumes, labels)
+            train_seconds = (time.perf_counter() - start) / steps
+            start = time.perf_counter()
+            for _ in range(steps):
+                model.predict_on_batch(volumes)
+            predict_seconds = (time.perf_counter() - start) / steps
+            print(f"| {precision} | {batch_size} | {train_seconds / batch_size:.4f} s ({train_seconds:.3f} s) "
+                  f"| {predict_seconds / batch_size:.4f} s ({predict_seconds:.3f} s) |", flush=True)
+            keras.backend.clear_session()
+
+
+if __name__ == "__main__":
+    main()
