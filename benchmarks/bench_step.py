@@ -1,6 +1,7 @@
 """Cost of one training step, and of one forward pass, per scan: by batch size and precision.
 
-Builds the default network (the tutorial's layers), and times `train_on_batch` and
+Builds the default recipe's network (the tutorial's layers, its BatchNorm momentum and peak
+rate), and times `train_on_batch` and
 `predict_on_batch` on random volumes after a warm-up, so neither data loading nor tracing is
 counted. It answers two questions about the recipe benchmark's epochs: does a larger batch make
 an epoch cheaper on this hardware (per-scan cost falling with the batch), and what does
@@ -37,18 +38,20 @@ def main() -> None:
     import numpy as np
 
     from train.network.model import build_model
+    from train.options import DEFAULT_RECIPE, RECIPES
 
     print(f"{'x'.join(map(str, arguments.shape))}, padding {arguments.padding}, "
           f"{os.cpu_count()} CPUs; seconds per scan (per step)")
     print("| precision | batch | training step | forward pass |")
     print("|---|---|---|---|")
+    recipe = RECIPES[DEFAULT_RECIPE]
     random = np.random.default_rng(0)
     for precision in arguments.precisions:
         for batch_size in arguments.batch_sizes:
             keras.utils.set_random_seed(0)
             model = build_model(tuple(arguments.shape), padding=arguments.padding, precision=precision,
-                                bn_momentum=0.9)
-            model.compile(optimizer=keras.optimizers.Adam(3e-4), loss="binary_crossentropy")
+                                bn_momentum=recipe["bn_momentum"], pooling=recipe["pooling"])
+            model.compile(optimizer=keras.optimizers.Adam(recipe["learning_rate"]), loss="binary_crossentropy")
             volumes = random.random((batch_size, *arguments.shape, 1), dtype=np.float32)
             labels = random.integers(0, 2, (batch_size, 1)).astype(np.float32)
             for _ in range(WARMUP_STEPS):
