@@ -43,11 +43,11 @@ sys.path.insert(0, str(ROOT))  # train's own option parsing, to check kept runs 
 SHAPE = (64, 64, 32)
 SETS = {  # name: (synth flags, phantoms, epochs)
     "standard": (["--seed", "101"], 360, 20),
-    "standard-30": (["--seed", "101"], 360, 30),  # the standard set's cache, trained as long as the target
     "standard-120": (["--seed", "101"], 120, 30),  # the first benchmark's size: 84 training phantoms
     "subtle": (["--grades", "1", "--seed", "102"], 360, 30),
     "subtle-120": (["--grades", "1", "--seed", "102"], 120, 30),  # the first benchmark's size
 }
+SETS["standard-30"] = (*SETS["standard"][:2], 30)  # the standard set trained as long as the target
 SHARED_CACHES = {"standard-30": "standard"}  # a set trained longer on another's phantoms and cache
 ARMS = {  # name: fit flags
     "tutorial": ["--recipe", "tutorial"],
@@ -81,8 +81,8 @@ def python(*arguments: str, log: Path | None = None) -> None:
 
 
 def make_cache(out: Path, name: str) -> Path:
-    flags, scans, _ = SETS[name]
     name = SHARED_CACHES.get(name, name)
+    flags, scans, _ = SETS[name]
     cache = out / f"{name}.h5"
     if not cache.is_file():
         raw = out / f"{name}-raw"

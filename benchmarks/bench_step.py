@@ -1,9 +1,8 @@
 """Cost of one training step, and of one forward pass, per scan: by batch size and precision.
 
 Builds the default recipe's network (the tutorial's layers, its BatchNorm momentum and peak
-rate), and times `train_on_batch` and
-`predict_on_batch` on random volumes after a warm-up, so neither data loading nor tracing is
-counted. It answers two questions about the recipe benchmark's epochs: does a larger batch make
+rate), and times `train_on_batch` and `predict_on_batch` on random volumes after a warm-up, so
+neither data loading nor tracing is counted. It answers two questions about the recipe benchmark's epochs: does a larger batch make
 an epoch cheaper on this hardware (per-scan cost falling with the batch), and what does
 bfloat16 save over float32.
 
