@@ -28,12 +28,13 @@ def main() -> None:
 
     import numpy as np
 
+    from bench_recipe import SHARED_CACHES
     from preprocess.cache import CacheReader
     from train.network.scores import compute_roc_auc
     from train.rundir.models import load_trained_model
 
     for name in arguments.sets:
-        with CacheReader(arguments.out / f"{name}.h5") as reader:
+        with CacheReader(arguments.out / f"{SHARED_CACHES.get(name, name)}.h5") as reader:
             labels = reader.labels
             held_out = {split: np.sort(reader.split(split)) for split in ("val", "test")}
             volumes = {split: np.stack([reader.read_volume(row) for row in rows])[..., None]

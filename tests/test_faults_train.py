@@ -38,7 +38,7 @@ from train.fit import fit_model  # noqa: E402
 from train.options import FitOptions  # noqa: E402
 from train.rundir.models import load_trained_model  # noqa: E402
 from train.rundir.layout import (  # noqa: E402
-    best_model_path, open_run, read_history, read_state,
+    model_path, open_run, read_history, read_state, run_keep,
 )
 from train.rundir.folders import create_new_run_dir, locked_run_dir  # noqa: E402
 
@@ -138,12 +138,13 @@ def check_run_after_kill(run_dir: Path) -> int:
         load_trained_model(run_dir / name)
     if done:
         assert state.last_model == f"last-epoch-{done:04d}.keras" and (run_dir / state.last_model).is_file()
-        # evaluate and predict use the committed best model, never one of an uncommitted epoch
-        assert best_model_path(run_dir) == run_dir / state.best_model
+        # evaluate and predict use the committed model --keep names, never one of an uncommitted epoch
+        keep = run_keep(read_json(run_dir / "config.json"), run_dir)
+        assert model_path(run_dir) == run_dir / (state.last_model if keep == "last" else state.best_model)
         assert int(state.best_model[len("best-epoch-"):-len(".keras")]) <= done
     else:
         with pytest.raises(UserError, match="no model yet"):
-            best_model_path(run_dir)
+            model_path(run_dir)
     return done
 
 
@@ -160,7 +161,7 @@ def check_finished_like_the_reference(run_dir: Path, reference: Path) -> None:
     assert not temporaries(run_dir), "leftover temporary files are removed on --resume"
     assert model_files(run_dir) == sorted({state.best_model, state.last_model})
     metrics, reference_metrics = read_json(run_dir / "metrics.json"), read_json(reference / "metrics.json")
-    assert metrics["model"] == state.best_model and metrics["best_epoch"] == state.best_epoch
+    assert run_dir / metrics["model"] == model_path(run_dir) and metrics["best_epoch"] == state.best_epoch
     assert metrics["confusion_matrix"] == reference_metrics["confusion_matrix"]
 
 
@@ -515,12 +516,12 @@ def run_copy(reference_run, tmp_path) -> Path:
     return Path(shutil.copytree(reference_run, tmp_path / "run"))
 
 
-def test_a_best_model_with_a_lambda_layer_is_refused_by_evaluate_and_predict(run_copy, tiny_cache, synthetic_raw,
-                                                                             capsys):
+def test_a_run_model_with_a_lambda_layer_is_refused_by_evaluate_and_predict(run_copy, tiny_cache, synthetic_raw,
+                                                                            capsys):
     inputs = keras.Input((*TINY_SHAPE, 1))
     outputs = keras.layers.Lambda(lambda volume: keras.ops.mean(volume, axis=(1, 2, 3)))(inputs)
-    best = run_copy / read_state(run_copy).best_model
-    best.unlink()  # a hard link to the last model: replace, do not write through it
+    best = model_path(run_copy)
+    best.unlink()  # may be a hard link to the other model: replace, do not write through it
     keras.Model(inputs, outputs).save(best)
     scan = next(synthetic_raw.rglob("*.nii.gz"))
     for arguments in (["evaluate", str(run_copy), str(tiny_cache)], ["predict", str(run_copy), str(scan)]):
@@ -690,11 +691,10 @@ def test_three_fits_and_a_rebuild_of_their_cache_at_once_all_finish_with_valid_r
     assert len(run_dirs) == 3, "fits started in the same second get a run directory each"
     used = []
     for run_dir in run_dirs:
-        state = read_state(run_dir)
         assert [row["epoch"] for row in read_history(run_dir / "history.csv")] == [1, 2, 3]
-        load_trained_model(best_model_path(run_dir))
+        load_trained_model(model_path(run_dir))
         config, metrics = read_json(run_dir / "config.json"), read_json(run_dir / "metrics.json")
-        assert metrics["model"] == state.best_model
+        assert run_dir / metrics["model"] == model_path(run_dir)
         # trained, validated and tested on one file: the one config.json names
         assert metrics["cache_fingerprint"] == config["cache"]["fingerprint"]
         used.append(config["cache"]["fingerprint"])

@@ -181,7 +181,7 @@ def test_two_worker_processes_train_one_run_that_only_the_chief_writes(tiny_cach
     assert distribution_of(run_dir) == {"strategy": "CollectiveAllReduceStrategy", "replicas": 2, "workers": 2,
                                         "global_batch_size": 4}
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["model"] == state.best_model and metrics["scans"] > 0
+    assert (metrics["model"], metrics["keep"]) == (state.last_model, "last") and metrics["scans"] > 0
     # the worker wrote nothing: no other folder beside the run, no scratch folder left behind
     assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
     assert scratch_folders() <= before

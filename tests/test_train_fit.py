@@ -26,7 +26,7 @@ from train.evaluate import evaluate_run  # noqa: E402
 from train.fit import fit_model  # noqa: E402
 from train.options import DEFAULT_RECIPE, RECIPES, FitOptions  # noqa: E402
 from train.predict import predict_scans  # noqa: E402
-from train.rundir.layout import read_history, read_state  # noqa: E402
+from train.rundir.layout import model_path, read_history, read_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3
@@ -93,7 +93,7 @@ def test_history_has_one_row_per_epoch_with_train_and_validation_metrics(trained
     assert rates[0] > rates[1] > rates[2] >= 0.0
 
 
-def test_metrics_json_is_the_best_model_on_the_test_split(trained_run, tiny_cache):
+def test_metrics_json_is_the_kept_model_on_the_test_split(trained_run, tiny_cache):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     with CacheReader(tiny_cache) as reader:
         test_size = len(reader.split("test"))
@@ -101,8 +101,12 @@ def test_metrics_json_is_the_best_model_on_the_test_split(trained_run, tiny_cach
     assert np.array(metrics["confusion_matrix"]).sum() == test_size
     for name in ("accuracy", "sensitivity", "specificity"):
         assert 0.0 <= metrics[name] <= 1.0
-    assert metrics["best_epoch"] == read_state(trained_run).best_epoch
-    assert metrics["model"] == read_state(trained_run).best_model
+    state = read_state(trained_run)
+    assert metrics["best_epoch"] == state.best_epoch
+    # the default recipe keeps the last epoch's model, whatever epoch validated best
+    assert (metrics["keep"], metrics["model"], metrics["model_epoch"]) == ("last", state.last_model, EPOCHS)
+    assert metrics["model_val_auc"] == pytest.approx(read_history(trained_run / "history.csv")[-1]["val_auc"])
+    assert model_path(trained_run) == trained_run / state.last_model
     # `evaluate` on the same split reproduces it: the same model, the same unaugmented data
     report = evaluate_run(trained_run, tiny_cache, "test")
     for name in ("accuracy", "sensitivity", "specificity", "confusion_matrix"):
@@ -142,7 +146,7 @@ def test_predict_preprocesses_like_the_training_cache(trained_run, tiny_cache, s
         row = 0
         record = reader.records()[row]
         cached_volume = reader.read_volume(row)
-    model = load_trained_model(trained_run / read_state(trained_run).best_model)
+    model = load_trained_model(model_path(trained_run))
     expected = float(model(cached_volume[None, ..., None], training=False).numpy().reshape(-1)[0])
     [prediction] = predict_scans(trained_run, [synthetic_raw / record.source_path])
     assert prediction.error is None
@@ -179,6 +183,28 @@ def test_resuming_a_finished_run_trains_nothing_and_keeps_its_test_metrics(train
     report = fit_model(tiny_options(tiny_cache, run_dir, resume=True))
     assert report.state.completed_epochs == EPOCHS
     assert ((run_dir / "metrics.json").read_bytes(), (run_dir / "history.csv").read_bytes()) == before
+
+
+def test_a_resume_with_another_keep_switches_the_model_and_retests_without_training(trained_run, tiny_cache,
+                                                                                    tmp_path, capsys):
+    run_dir = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    history = (run_dir / "history.csv").read_bytes()
+    state = read_state(run_dir)
+    last = evaluate_run(run_dir, tiny_cache, "test")
+    assert main(["fit", str(tiny_cache), "--run-dir", str(run_dir), "--resume", "--keep", "best", "--epochs",
+                 str(EPOCHS), "--padding", "same", "--quiet"]) == 0
+    assert f"best val AUC {state.best_val_auc:.4f} at epoch {state.best_epoch};" in capsys.readouterr().out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert (metrics["keep"], metrics["model"], metrics["model_epoch"]) == ("best", state.best_model, state.best_epoch)
+    assert model_path(run_dir) == run_dir / state.best_model
+    assert evaluate_run(run_dir, tiny_cache, "test")["confusion_matrix"] == metrics["confusion_matrix"]
+    assert (run_dir / "history.csv").read_bytes() == history and read_state(run_dir) == state, "nothing trained"
+    assert main(["fit", str(tiny_cache), "--run-dir", str(run_dir), "--resume", "--epochs", str(EPOCHS),
+                 "--padding", "same", "--quiet"]) == 0
+    assert "model of the last epoch (val AUC" in capsys.readouterr().out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert (metrics["keep"], metrics["model"]) == ("last", state.last_model)
+    assert evaluate_run(run_dir, tiny_cache, "test")["confusion_matrix"] == last["confusion_matrix"]
 
 
 def wait_for_epochs(history: Path, process: subprocess.Popen, epochs: int, timeout_seconds: float) -> None:

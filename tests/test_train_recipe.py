@@ -28,7 +28,7 @@ from train.loop.precise_bn import (  # noqa: E402
 )
 from train.loop.loop import make_precise_bn_batches, make_schedule  # noqa: E402
 from train.network.precision import cpu_flags, native_bfloat16, resolve_precision  # noqa: E402
-from train.rundir.layout import read_history, read_state  # noqa: E402
+from train.rundir.layout import model_path, read_history, read_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "data" / "tutorial_recipe_history.json"
@@ -96,9 +96,10 @@ def test_recipes_fill_only_what_the_flags_leave_unset():
     tutorial = resolve_recipe(FitOptions(recipe="tutorial"))
     assert (tutorial.learning_rate, tutorial.bn_momentum, tutorial.precise_bn_scans, tutorial.schedule,
             tutorial.precision, tutorial.pooling) == (1e-4, 0.99, 0, "tutorial", "float32", "avg")
+    assert tutorial.keep == "best"  # the tutorial's ModelCheckpoint(save_best_only=True)
     default = resolve_recipe(FitOptions())
     assert default.recipe == "precise" and default.precise_bn_scans > 0 and default.schedule == "cosine"
-    assert default.precision == "auto"
+    assert default.precision == "auto" and default.keep == "last"
     mixed = resolve_recipe(FitOptions(recipe="tutorial", precise_bn_scans=16, learning_rate=5e-4))
     assert (mixed.precise_bn_scans, mixed.learning_rate, mixed.bn_momentum) == (16, 5e-4, 0.99)
     for recipe in RECIPES:
@@ -112,6 +113,7 @@ def test_recipes_fill_only_what_the_flags_leave_unset():
     ({"schedule": "linear"}, "--schedule"), ({"warmup_epochs": -1}, "--warmup-epochs"),
     ({"schedule": "tutorial", "warmup_epochs": 2}, "--warmup-epochs needs --schedule cosine"),
     ({"precise_bn_scans": -5}, "--precise-bn-scans"), ({"pooling": "attention"}, "--pooling"),
+    ({"keep": "first"}, "--keep"),
 ])
 def test_bad_recipe_options_are_one_line(changes, flag):
     with pytest.raises(UserError, match=flag):
@@ -195,13 +197,13 @@ def small_cache(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_default_recipe_validates_on_both_classes_where_the_tutorial_calls_one(small_cache, tmp_path):
     """Four epochs on 24 phantoms: the tutorial's moving statistics make every validation prediction the same
-    number (one class); with the re-estimated statistics, the best model calls both classes."""
+    number (one class); with the re-estimated statistics, the run's model calls both classes."""
     called = {}
     for recipe in ("tutorial", "precise"):
         run_dir = tmp_path / recipe
         fit_model(FitOptions(cache=small_cache, run_dir=run_dir, epochs=4, seed=0, padding="same", quiet=True,
                              recipe=recipe))
-        model = load_trained_model(run_dir / read_state(run_dir).best_model)
+        model = load_trained_model(model_path(run_dir))
         with CacheReader(small_cache) as reader:
             called[recipe] = predict_split(model, reader, reader.split("val")) >= 0.5
     assert len(set(called["tutorial"].tolist())) == 1

@@ -20,7 +20,7 @@ def small_model() -> keras.Model:
     return model
 
 
-def replay(tmp_path, val_aucs: list[float], patience: int) -> tuple[RunRecorder, keras.Model]:
+def replay(tmp_path, val_aucs: list[float], patience: int | None) -> tuple[RunRecorder, keras.Model]:
     """Feed the recorder one epoch end per validation AUC, until it stops the run."""
     model = small_model()
     recorder = RunRecorder(tmp_path, TrainingState(), [], patience)
@@ -46,6 +46,14 @@ def test_patience_zero_stops_at_the_first_epoch_that_does_not_improve(tmp_path):
     replay(tmp_path, [0.5, 0.6, 0.8, 0.7, 0.9], patience=0)
     state = read_state(tmp_path)
     assert (state.completed_epochs, state.best_epoch, state.stopped_early) == (4, 3, True)
+
+
+def test_no_patience_never_stops_early(tmp_path):
+    # --keep last: the run's model is the end of the schedule, so every epoch is trained
+    replay(tmp_path, [0.9, 0.6, 0.5, 0.4, 0.3, 0.2], patience=None)
+    state = read_state(tmp_path)
+    assert (state.completed_epochs, state.best_epoch, state.stopped_early) == (6, 1, False)
+    assert state.epochs_without_improvement == 5
 
 
 def test_only_the_committed_epochs_training_state_is_kept(tmp_path):

@@ -133,6 +133,22 @@ def test_unfinished_runs_show_their_progress_and_no_test_values(tmp_path):
         == ("unfinished", "20/30", "-")
 
 
+def test_a_run_that_keeps_its_last_epoch_is_finished_once_that_model_is_tested(tmp_path):
+    for name in ("last", "switched", "bad-keep"):
+        make_run(tmp_path / name, epochs=20, completed=20, best_epoch=12, keep="last", metrics=finished(0.9))
+    for name in ("last", "bad-keep"):
+        write_json_atomically(tmp_path / name / "metrics.json", {"model": last_model_name(20), "auc": 0.95,
+                                                                 "accuracy": 0.9, "keep": "last"})
+    # switched to --keep last by a resume that was stopped before it tested the last epoch's model
+    config = tmp_path / "bad-keep" / "config.json"
+    config.write_text(config.read_text().replace('"keep": "last"', '"keep": "sideways"'))
+
+    runs = by_name(list_runs(tmp_path))
+    assert (runs["last"].status, runs["last"].test_auc, runs["last"].best_epoch) == ("finished", 0.95, 12)
+    assert (runs["switched"].status, runs["switched"].test_auc) == ("unfinished", None)
+    assert runs["bad-keep"].status == "damaged" and "keep must be 'best' or 'last'" in runs["bad-keep"].problem
+
+
 def test_damaged_runs_are_listed_with_the_reason_not_raised(tmp_path):
     make_run(tmp_path / "good", metrics=finished(0.8))
     (tmp_path / "bad-config").mkdir()

@@ -18,8 +18,8 @@ from train.loop.distribute import STRATEGIES  # noqa: E402
 from train.network.tasks import TASKS  # noqa: E402
 from train.rundir.listing import COLUMNS as RUN_COLUMNS  # noqa: E402
 from train.options import (  # noqa: E402
-    MAX_BENCH_SAMPLES, MAX_LEARNING_RATE, MIN_LEARNING_RATE, PADDINGS, POOLINGS, PRECISIONS, RECIPES, SCHEDULES,
-    WHOLE_NUMBER_RANGES, FitOptions,
+    KEEPS, MAX_BENCH_SAMPLES, MAX_LEARNING_RATE, MIN_LEARNING_RATE, PADDINGS, POOLINGS, PRECISIONS, RECIPES,
+    SCHEDULES, WHOLE_NUMBER_RANGES, FitOptions,
 )
 
 PROG = "python -m train"
@@ -52,8 +52,9 @@ def make_parser() -> ArgumentParser:
 
     fit = commands.add_parser(
         "fit", help="train a model on a cache into a run directory", formatter_class=defaults,
-        description="Train the Keras tutorial's 3D CNN on the cache's train split, keep the model with the best "
-        "validation AUC, and test it once on the test split. Everything goes into the run directory.",
+        description="Train the Keras tutorial's 3D CNN on the cache's train split, keep the model of the last epoch "
+        "(--keep last) or of the best validation AUC (--keep best), and test it once on the test split. Everything "
+        "goes into the run directory.",
     )
     add_fit_arguments(fit, "run directory (default: a new runs/<timestamp>)%(default).0s",
                       "continue the interrupted run in --run-dir after its last completed epoch "
@@ -63,7 +64,7 @@ def make_parser() -> ArgumentParser:
         "cv", help="K-fold cross-validation over the train and validation rows", formatter_class=defaults,
         description="Pool the cache's train and validation rows, deal them into K folds (stratified by class, "
         "seeded by --seed) and train one run per fold (RUN_DIR/fold-k), validated on its fold. Then report "
-        "mean ± standard deviation over the folds, and evaluate the mean of the K best models once on the "
+        "mean ± standard deviation over the folds, and evaluate the mean of the K fold models once on the "
         "test split. Everything is written to RUN_DIR/cv_summary.json.",
     )
     cv.add_argument("--folds", type=within(positive_int, 2, 100), default=5, metavar="K", help="number of folds")
@@ -71,8 +72,8 @@ def make_parser() -> ArgumentParser:
                       "continue an interrupted cross-validation in --run-dir (finished folds are kept)")
 
     evaluate = commands.add_parser(
-        "evaluate", help="metrics of a run's best model on a split of a cache", formatter_class=defaults,
-        description="Accuracy, AUC, sensitivity, specificity and the confusion matrix of a run's best model "
+        "evaluate", help="metrics of a run's model on a split of a cache", formatter_class=defaults,
+        description="Accuracy, AUC, sensitivity, specificity and the confusion matrix of a run's model "
         "on one split of a cache preprocessed like the run's training cache.",
     )
     evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory written by `fit`")
@@ -80,7 +81,7 @@ def make_parser() -> ArgumentParser:
     evaluate.add_argument("--split", choices=SPLITS, default="test", help="which split of the cache to evaluate")
 
     predict = commands.add_parser(
-        "predict", help="classify raw NIfTI scans or DICOM series with a run's best model", formatter_class=defaults,
+        "predict", help="classify raw NIfTI scans or DICOM series with a run's model", formatter_class=defaults,
         description="Preprocess .nii/.nii.gz scans or DICOM series folders exactly like the run's training cache and print, per scan, "
         "how confident the model is in its predicted class. Unreadable scans get an error line each "
         "(stderr); the others are still predicted, and the exit code is 1 if any failed.",
@@ -156,11 +157,16 @@ def add_fit_arguments(parser, run_dir_help: str, resume_help: str) -> None:
         + ". config.json records the resolved values.")
     optimisation.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULTS.recipe,
                               help="precise: BatchNorm statistics re-estimated before every validation, warm-up and "
-                              "cosine decay, bfloat16 where native; tutorial: the Keras tutorial's training exactly")
+                              "cosine decay, bfloat16 where native, the last epoch's model; tutorial: the Keras tutorial's training exactly")
     optimisation.add_argument("--epochs", type=whole_number("epochs"), default=DEFAULTS.epochs,
                               help="maximum number of epochs")
     optimisation.add_argument("--patience", type=whole_number("patience"), default=DEFAULTS.patience,
-                              help="stop after this many epochs without a better validation AUC")
+                              help="with --keep best: stop after this many epochs without a better validation AUC "
+                              "(--keep last always trains every epoch)")
+    optimisation.add_argument("--keep", choices=KEEPS, default=DEFAULTS.keep,
+                              help="the run's model, used by evaluate, predict, cv and Grad-CAM: last (the weights at "
+                              "the end of the schedule) or best (the epoch of the best validation AUC); a --resume may "
+                              "change it; from the recipe%(default).0s")
     optimisation.add_argument("--lr", "--learning-rate", dest="learning_rate",
                               type=within(positive_float, MIN_LEARNING_RATE, MAX_LEARNING_RATE),
                               default=DEFAULTS.learning_rate, metavar="RATE",
@@ -196,7 +202,8 @@ def fit_options_of(arguments) -> FitOptions:
         cache=arguments.cache, run_dir=arguments.run_dir, epochs=arguments.epochs, batch_size=arguments.batch_size,
         recipe=arguments.recipe, learning_rate=arguments.learning_rate, schedule=arguments.schedule,
         warmup_epochs=arguments.warmup_epochs, bn_momentum=arguments.bn_momentum,
-        precise_bn_scans=arguments.precise_bn_scans, pooling=arguments.pooling, patience=arguments.patience,
+        precise_bn_scans=arguments.precise_bn_scans, pooling=arguments.pooling, keep=arguments.keep,
+        patience=arguments.patience,
         seed=arguments.seed, padding=arguments.padding, precision=arguments.precision, strategy=arguments.strategy,
         task=arguments.task, resume=arguments.resume, quiet=arguments.quiet,
     )

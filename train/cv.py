@@ -2,9 +2,10 @@
 
 The train and validation rows are pooled and dealt into K folds, stratified by class (grade for
 `--task severity`) and seeded by `--seed` (`train.pipeline.folds.make_folds`). Fold k trains on the
-other K - 1 folds, picks its best epoch on fold k, and is reported on fold k: each fold is a
-normal run directory, `RUN_DIR/fold-k`. The test split is not looked at until all folds are
-done; then the K best models, averaged (their probabilities), are evaluated on it once.
+other K - 1 folds, is validated on fold k (which picks its best epoch under `--keep best`), and
+is reported on fold k: each fold is a normal run directory, `RUN_DIR/fold-k`. The test split is
+not looked at until all folds are done; then the K fold models, averaged (their probabilities),
+are evaluated on it once.
 
     RUN_DIR/fold-1 ... fold-K   run directories (metrics.json: the fold's validation report)
     RUN_DIR/cv_summary.json     mean and standard deviation over folds, per fold values, test report
@@ -105,10 +106,10 @@ def summarize_folds(options: FitOptions, run_dir: Path, fold_reports: list[dict]
 
 
 def evaluate_ensemble_on_test(options: FitOptions, run_dirs: list[Path]) -> dict:
-    """The test report of the folds' best models, their probabilities averaged: the one look at the test split."""
+    """The test report of the fold models, their probabilities averaged: the one look at the test split."""
     from train.evaluate import evaluate_rows
     from train.network.tasks import make_task
-    from train.rundir.models import load_best_model
+    from train.rundir.models import load_run_model
 
     with CacheReader(options.cache) as reader:
         task = make_task(options.task, reader)
@@ -116,7 +117,7 @@ def evaluate_ensemble_on_test(options: FitOptions, run_dirs: list[Path]) -> dict
         if len(rows) == 0:
             log.warning("the test split of %s is empty: no test report", options.cache)
             return {"split": "test", "scans": 0}
-        models = (load_best_model(run_dir) for run_dir in run_dirs)  # loaded one at a time
+        models = (load_run_model(run_dir) for run_dir in run_dirs)  # loaded one at a time
         report = evaluate_rows(models, reader, rows, task, "test")
     return {**report, "model": f"mean of the {len(run_dirs)} fold models' probabilities"}
 

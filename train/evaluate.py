@@ -1,4 +1,4 @@
-"""`evaluate`: a run's best model on one split of a cache, and the checks that make that valid."""
+"""`evaluate`: a run's model on one split of a cache, and the checks that make that valid."""
 from __future__ import annotations
 
 import logging
@@ -82,7 +82,7 @@ def evaluate_model(model, reader: CacheReader, split: str, task: Task, roc_path:
 
 
 def evaluate_run(run_dir: Path, cache: Path, split: str = "test") -> dict:
-    """Metrics of the run's best model on `split` of `cache`; refuses a differently preprocessed cache."""
+    """Metrics of the run's model (`--keep`) on `split` of `cache`; refuses a differently preprocessed cache."""
     config = open_run(run_dir)
     task = task_from_config(config)
     with CacheReader(cache) as reader:
@@ -90,9 +90,9 @@ def evaluate_run(run_dir: Path, cache: Path, split: str = "test") -> dict:
         rows = reader.split(split)
         class_indices(task, reader, rows)  # a grade the run does not know: refused before the model loads
         load_tensorflow()  # only once the inputs are valid: bad input is refused in a second
-        from train.rundir.models import load_best_model
+        from train.rundir.models import load_run_model
 
-        model = load_best_model(Path(run_dir))
+        model = load_run_model(Path(run_dir))
         roc_path = Path(run_dir) / ROC_CURVE.format(split=f"{split}_{Path(cache).stem}")
         report = evaluate_model(model, reader, split, task, roc_path)
         if roc_path.is_file():

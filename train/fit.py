@@ -1,4 +1,4 @@
-"""`fit`: prepare or reopen a run directory, train, then plot and test the best model once.
+"""`fit`: prepare or reopen a run directory, train, then plot and test the run's model once.
 
 Bad input (options, cache, a run directory that does not match) is refused before TensorFlow is
 imported, so the user hears about it in a second rather than after a multi-second import.
@@ -26,8 +26,8 @@ from train.network.architecture import check_input_shape
 from train.options import FitOptions, changed_options, check_fit_options, resolve_recipe
 from train.rundir.folders import check_new_run_dir, locked_run_dir, prepare_output_dir
 from train.rundir.layout import (
-    CONFIG, CURVES, HISTORY, METRICS, ROC_CURVE, STATE, TrainingState, read_history, read_state, remove_other_models,
-    remove_stale_temporaries, write_history,
+    CONFIG, CURVES, HISTORY, METRICS, ROC_CURVE, STATE, TrainingState, kept_model_name, read_history, read_state,
+    remove_other_models, remove_stale_temporaries, write_history,
 )
 from train.network.tasks import HEADLINE_METRICS, METRIC_LABELS, compute_class_weights, make_task, task_from_config
 from train.pipeline.folds import rows_and_classes
@@ -232,7 +232,7 @@ def _version(package: str) -> str:
 
 
 def finish_run(run_dir: Path, reader: CacheReader, state: TrainingState, options: FitOptions) -> FitReport:
-    """Plot the curves and, once per run, evaluate the best model on the test split.
+    """Plot the curves and, once per run model, evaluate the model `--keep` chose on the test split.
 
     A cross-validation fold is evaluated on its own validation fold instead: `train cv` keeps
     the test split for its final report.
@@ -245,14 +245,15 @@ def finish_run(run_dir: Path, reader: CacheReader, state: TrainingState, options
     history = read_history(run_dir / HISTORY)
     if history:
         save_training_curves(history, run_dir / CURVES)
+    model_name = kept_model_name(state, options.keep)
     metrics_path = run_dir / METRICS
     if metrics_path.exists():
-        # the test split is looked at once per best model: a resumed run that ended with the same
-        # best model keeps its result (a longer --epochs that found a better model is re-tested)
+        # the test split is looked at once per model: a resumed run that ended with the same model
+        # keeps its result (a longer --epochs, or another --keep, that chose another one is re-tested)
         recorded = read_json(metrics_path)
-        if recorded.get("model") == state.best_model:
+        if recorded.get("model") == model_name:
             return FitReport(run_dir, state, recorded)
-    model = load_trained_model(run_dir / state.best_model)
+    model = load_trained_model(run_dir / model_name)
     task = task_from_config(read_json(run_dir / CONFIG))
     if options.fold is None:
         report = evaluate_model(model, reader, "test", task, run_dir / ROC_CURVE.format(split="test"))
@@ -260,7 +261,10 @@ def finish_run(run_dir: Path, reader: CacheReader, state: TrainingState, options
         _, (val_rows, _) = rows_and_classes(reader, options, task)
         report = evaluate_rows(model, reader, val_rows, task, f"val (fold {options.fold} of {options.folds})",
                                run_dir / ROC_CURVE.format(split="val"))
-    metrics = {"model": state.best_model, "best_epoch": state.best_epoch, "best_val_auc": state.best_val_auc,
+    model_epoch = state.completed_epochs if options.keep == "last" else state.best_epoch
+    model_val_auc = next((row.get("val_auc") for row in history if row["epoch"] == model_epoch), None)
+    metrics = {"model": model_name, "keep": options.keep, "model_epoch": model_epoch, "model_val_auc": model_val_auc,
+               "best_epoch": state.best_epoch, "best_val_auc": state.best_val_auc,
                "cache_fingerprint": reader.fingerprint, **report}
     write_json_atomically(metrics_path, metrics)
     log.info("%s split of %s: %s", report["split"], reader.path,
@@ -269,7 +273,8 @@ def finish_run(run_dir: Path, reader: CacheReader, state: TrainingState, options
 
 
 def format_report(report: FitReport) -> str:
-    """What `fit` prints when it is done: where the run is, its best epoch and its test result in one line."""
+    """What `fit` prints when it is done: where the run is, which epoch's model it kept, and its test result in one
+    line."""
     from train.evaluate import format_number as number
 
     if not report.is_chief:
@@ -277,5 +282,10 @@ def format_report(report: FitReport) -> str:
     test = report.test_metrics
     names = HEADLINE_METRICS["severity" if test.get("task") == "severity" else "binary"]["summary"]
     result = "test " + ", ".join(f"{METRIC_LABELS.get(name, name)} {number(test.get(name))}" for name in names)
-    return (f"run saved in {report.run_dir}: {report.state.completed_epochs} epochs, best val AUC "
-            f"{report.state.best_val_auc:.4f} at epoch {report.state.best_epoch}; {result} on {test.get('scans')} scans")
+    state = report.state
+    best = f"best val AUC {state.best_val_auc:.4f} at epoch {state.best_epoch}"
+    if test.get("keep") == "last":
+        kept = f"model of the last epoch (val AUC {number(test.get('model_val_auc'))}; {best})"
+    else:
+        kept = best
+    return f"run saved in {report.run_dir}: {state.completed_epochs} epochs, {kept}; {result} on {test.get('scans')} scans"

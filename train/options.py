@@ -12,9 +12,11 @@ PADDINGS = ("valid", "same")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 SCHEDULES = ("tutorial", "cosine")
 POOLINGS = ("avg", "max", "avgmax")
+KEEPS = ("best", "last")
 # Options a --resume may change: they do not change what the finished run computes (epochs only
-# extends or shortens the schedule; quiet and resume are about this invocation).
-RESUMABLE_CHANGES = ("epochs", "quiet", "resume", "run_dir", "cache")
+# extends or shortens the schedule; keep only chooses between the two models every run keeps;
+# quiet and resume are about this invocation).
+RESUMABLE_CHANGES = ("epochs", "keep", "quiet", "resume", "run_dir", "cache")
 # The range of each whole-number option. The upper bounds are far beyond any real experiment:
 # a larger value is a typo or an overflow, refused at once rather than attempted for hours
 # (a batch of 10**12 volumes, 10**12 epochs). Seeds must fit NumPy's seed range.
@@ -37,12 +39,13 @@ MAX_BENCH_SAMPLES = 1_000_000
 # (README, "Training recipe"): BatchNorm statistics re-estimated before every validation, so
 # validation and checkpoints see population statistics rather than a lagging average of
 # batch-of-2 statistics, a warm-up then cosine decay that actually acts within the run, and
-# bfloat16 where the hardware runs it natively.
+# bfloat16 where the hardware runs it natively, and the model at the end of that schedule rather than
+# the epoch a small validation split happened to score best (nnU-Net's checkpoint_final habit).
 RECIPES = {
     "tutorial": {"learning_rate": 1e-4, "schedule": "tutorial", "warmup_epochs": 0, "bn_momentum": 0.99,
-                 "precise_bn_scans": 0, "precision": "float32", "pooling": "avg"},
+                 "precise_bn_scans": 0, "precision": "float32", "pooling": "avg", "keep": "best"},
     "precise": {"learning_rate": 3e-4, "schedule": "cosine", "warmup_epochs": 1, "bn_momentum": 0.9,
-                "precise_bn_scans": 32, "precision": "auto", "pooling": "avg"},
+                "precise_bn_scans": 32, "precision": "auto", "pooling": "avg", "keep": "last"},
 }
 DEFAULT_RECIPE = "precise"
 
@@ -63,7 +66,8 @@ class FitOptions:
     bn_momentum: float | None = None  # of BatchNorm's moving statistics (Keras's default: 0.99)
     precise_bn_scans: int | None = None  # training scans to re-estimate BatchNorm's statistics from; 0: never
     pooling: str | None = None  # global pooling before the dense head
-    patience: int = 15
+    keep: str | None = None  # the run's model: best (highest val AUC) or last (the end of the schedule)
+    patience: int = 15  # early stopping; only with keep "best"
     seed: int = 0
     padding: str = "valid"
     precision: str | None = None  # auto: mixed_bfloat16 where the hardware runs bfloat16 natively
@@ -108,6 +112,8 @@ def check_fit_options(options: FitOptions) -> None:
         raise UserError("--warmup-epochs needs --schedule cosine (the tutorial's schedule has no warm-up)")
     if options.pooling not in POOLINGS:
         raise UserError(f"--pooling must be one of {', '.join(POOLINGS)}, got {options.pooling!r}")
+    if options.keep not in KEEPS:
+        raise UserError(f"--keep must be one of {', '.join(KEEPS)}, got {options.keep!r}")
     if options.padding not in PADDINGS:
         raise UserError(f"--padding must be one of {', '.join(PADDINGS)}, got {options.padding!r}")
     if options.precision not in PRECISIONS:

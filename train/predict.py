@@ -78,9 +78,9 @@ def predict_scans(run_dir: Path, scans: list[Path], explain_dir: Path | None = N
     if explain_dir is not None:
         make_folder(Path(explain_dir), "--explain")
     load_tensorflow()  # only once the run is valid: bad input is refused in a second
-    from train.rundir.models import load_best_model
+    from train.rundir.models import load_run_model
 
-    model = load_best_model(run_dir)
+    model = load_run_model(run_dir)
     if model.input_shape != (None, *shape, 1) or model.output_shape != (None, task.output_units):
         raise UserError(f"{run_dir}: its model maps {model.input_shape} to {model.output_shape}, not volumes of "
                         f"config.json's shape {shape} to {task.output_units} output(s) for its "

@@ -197,7 +197,8 @@ def run_training(reader: CacheReader, run_dir: Path, options: FitOptions, state:
 
     training_data = strategy.distribute_datasets_from_function(training_pipeline)
     validation_data = strategy.distribute_datasets_from_function(validation_pipeline)
-    recorder = RunRecorder(run_dir, state, history, options.patience)
+    # with --keep last the run's model is the end of the schedule: it trains every epoch, no early stop
+    recorder = RunRecorder(run_dir, state, history, options.patience if options.keep == "best" else None)
     callbacks = [recorder, ScalarEventLogger(run_dir / TENSORBOARD)] if is_chief else [recorder]
     if options.precise_bn_scans:
         # first: the statistics are re-estimated before any other callback sees the validation

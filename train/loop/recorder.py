@@ -7,7 +7,7 @@ which names both files; only then are the previous epoch's files deleted. A run 
 anywhere in between resumes from the previous state.json and the files it names, and redoes
 only the epoch that was not committed; files and rows of history.csv beyond state.json are
 dropped on resume, so no epoch is repeated or skipped, and `evaluate`, `predict` and
-metrics.json only ever see the best model of a committed epoch.
+metrics.json only ever see a model of a committed epoch (the best or the last: `--keep`).
 A write the OS refuses stops training with one line; the last committed epoch stays intact.
 Early stopping lives here too, because its counter must survive a resume.
 """
@@ -57,9 +57,10 @@ def save_model_atomically(model: keras.Model, path: Path) -> Path:
 
 
 class RunRecorder(keras.callbacks.Callback):
-    """Commit each epoch (models, history, state) and stop after `patience` epochs without a better val AUC."""
+    """Commit each epoch (models, history, state) and stop after `patience` epochs without a better val AUC
+    (patience None: never stop early)."""
 
-    def __init__(self, run_dir: Path, state: TrainingState, history: list[dict], patience: int):
+    def __init__(self, run_dir: Path, state: TrainingState, history: list[dict], patience: int | None):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.state = state
@@ -85,7 +86,8 @@ class RunRecorder(keras.callbacks.Callback):
         else:
             state = replace(state, epochs_without_improvement=state.epochs_without_improvement + 1)
         # as keras.callbacks.EarlyStopping: an epoch that improves never stops the run
-        stop = not improved and state.best_epoch > 0 and state.epochs_without_improvement >= self.patience
+        stop = (self.patience is not None and not improved and state.best_epoch > 0
+                and state.epochs_without_improvement >= self.patience)
         last_model = last_model_name(epoch_number)
         # no finite val AUC yet (best_epoch 0): keep the latest model as the best, so the run has one
         best_model = best_model_name(epoch_number) if state.best_epoch in (0, epoch_number) else state.best_model

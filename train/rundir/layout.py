@@ -13,7 +13,9 @@ Layout:
     state.json         completed epochs, best epoch and AUC, early-stopping counter, and the
                        names of the two model files above (named by epoch, so a file that
                        state.json names is never overwritten in place)
-    training_curves.png, metrics.json (test split, best model), tensorboard/
+    training_curves.png, metrics.json (test split, the run's model), tensorboard/
+The run's model, the one `evaluate`, `predict`, `cv` and Grad-CAM use, is one of the two model
+files: config.json's `keep` says which (`model_path`).
     .lock              held by the `fit` that is writing the run (`train.rundir.folders`)
 """
 from __future__ import annotations
@@ -189,19 +191,35 @@ def open_run(run_dir: Path) -> dict:
     for section in ("options", "preprocessing", "cache"):
         if not isinstance(config.get(section, {}), dict):
             raise UserError(f"{run_dir / CONFIG}: damaged ({section!r} is not an object)")
-    best_model_path(run_dir)  # refuse a run without a model before anything slow happens
+    model_path(run_dir)  # refuse a run without a model before anything slow happens
     return config
 
 
-def best_model_path(run_dir: Path) -> Path:
-    """The best model of the run's committed epochs: the file state.json names."""
+def run_keep(config: dict, run_dir: Path) -> str:
+    """Which of its two models a run serves: config.json's --keep ("best" for a run from before the option)."""
+    options = config.get("options")
+    keep = options.get("keep", "best") if isinstance(options, dict) else "best"
+    if keep not in ("best", "last"):
+        raise UserError(f"{Path(run_dir) / CONFIG}: damaged (keep must be 'best' or 'last', got {str(keep)[:50]!r})")
+    return keep
+
+
+def kept_model_name(state: TrainingState, keep: str) -> str:
+    """The file of the run's model in `state`: its last epoch's (keep "last") or its best validation AUC's."""
+    return state.last_model if keep == "last" else state.best_model
+
+
+def model_path(run_dir: Path) -> Path:
+    """The run's model: of the two files state.json names, the one config.json's --keep chooses."""
     run_dir = Path(run_dir)
-    name = read_state(run_dir).best_model
+    keep = run_keep(read_json(run_dir / CONFIG), run_dir) if (run_dir / CONFIG).is_file() else "best"
+    name = kept_model_name(read_state(run_dir), keep)
     if not name and (run_dir / LEGACY_BEST_MODEL).is_file() and not (run_dir / STATE).exists():
         name = LEGACY_BEST_MODEL
     if not name:
         raise UserError(f"{run_dir}: the run has no model yet (its first epoch has not finished)")
     if not (run_dir / name).is_file():
-        raise UserError(f"{run_dir}: {name}, the best model {STATE} names, is missing; the run directory was "
+        what = "the last epoch's model" if keep == "last" else "the best model"
+        raise UserError(f"{run_dir}: {name}, {what} {STATE} names, is missing; the run directory was "
                         "changed by hand")
     return run_dir / name

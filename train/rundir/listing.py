@@ -20,7 +20,7 @@ from common.errors import UserError
 from common.files import read_json
 from preprocess.cache import CacheReader
 from train.network.tasks import HEADLINE_METRICS
-from train.rundir.layout import CONFIG, METRICS, read_state
+from train.rundir.layout import CONFIG, METRICS, kept_model_name, read_state, run_keep
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +105,11 @@ def find_reference_fingerprint(runs: list[RunSummary], reference_cache: Path | N
 def read_run_summary(run_dir: Path, root: Path) -> RunSummary:
     """One run's summary; a damaged file makes the status "damaged" and keeps what the other files say."""
     name = run_dir.relative_to(root).as_posix() if run_dir != root else str(root)
-    values, problems = {}, []
+    values, problems, keep = {}, [], "best"
     try:
-        values.update(_config_values(read_json(run_dir / CONFIG)))
+        config = read_json(run_dir / CONFIG)
+        values.update(_config_values(config))
+        keep = run_keep(config, run_dir)
     except UserError as error:
         problems.append(str(error))
     try:
@@ -123,8 +125,9 @@ def read_run_summary(run_dir: Path, root: Path) -> RunSummary:
             metrics = read_json(run_dir / METRICS)
         except UserError as error:
             problems.append(str(error))
-    # a run resumed with more epochs keeps the test result of its earlier best model until it finishes
-    if metrics is not None and state is not None and metrics.get("model", state.best_model) == state.best_model:
+    # a run resumed with more epochs keeps the test result of its earlier model until it finishes
+    if metrics is not None and state is not None \
+            and metrics.get("model", state.best_model) == kept_model_name(state, keep):
         if metrics.get("split", "test") == "test":
             values.update(_test_values(metrics, values.get("task")))
         # a cross-validation fold reports on its validation fold and never sees the test split:

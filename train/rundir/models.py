@@ -14,7 +14,7 @@ import keras
 
 from common.errors import UserError
 from train.network.keras_metrics import Specificity
-from train.rundir.layout import best_model_path, read_state
+from train.rundir.layout import model_path, read_state
 
 
 def load_trained_model(path: Path, compile: bool = False,
@@ -41,18 +41,18 @@ def load_trained_model(path: Path, compile: bool = False,
     return model
 
 
-def load_best_model(run_dir: Path) -> keras.Model:
-    """The run's committed best model (the file state.json names).
+def load_run_model(run_dir: Path) -> keras.Model:
+    """The run's committed model (of the files state.json names, the one its --keep chooses).
 
-    A `fit` still running in that directory may commit a better epoch and delete the file we
+    A `fit` still running in that directory may commit another epoch and delete the file we
     were about to open; the new state.json then names its successor.
     """
     attempts_left = 3
     while True:
-        committed = read_state(run_dir).best_model
+        committed = read_state(run_dir)
         try:
-            return load_trained_model(best_model_path(run_dir))
+            return load_trained_model(model_path(run_dir))
         except UserError:
             attempts_left -= 1
-            if attempts_left == 0 or read_state(run_dir).best_model == committed:
+            if attempts_left == 0 or read_state(run_dir) == committed:
                 raise
