@@ -7,12 +7,12 @@ from pathlib import Path
 from common.errors import UserError
 from train.loop.distribute import STRATEGIES
 from train.network.tasks import TASKS
+from train.rundir.layout import KEEPS
 
 PADDINGS = ("valid", "same")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 SCHEDULES = ("tutorial", "cosine")
 POOLINGS = ("avg", "max", "avgmax")
-KEEPS = ("best", "last")
 # Options a --resume may change: they do not change what the finished run computes (epochs only
 # extends or shortens the schedule; keep only chooses between the two models every run keeps;
 # quiet and resume are about this invocation).

@@ -14,9 +14,9 @@ Layout:
                        names of the two model files above (named by epoch, so a file that
                        state.json names is never overwritten in place)
     training_curves.png, metrics.json (test split, the run's model), tensorboard/
+    .lock              held by the `fit` that is writing the run (`train.rundir.folders`)
 The run's model, the one `evaluate`, `predict`, `cv` and Grad-CAM use, is one of the two model
 files: config.json's `keep` says which (`model_path`).
-    .lock              held by the `fit` that is writing the run (`train.rundir.folders`)
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ LOCK = ".lock"
 LEGACY_BEST_MODEL = "best.keras"  # runs written before best models were named by epoch
 MODEL_NAME = re.compile(r"(?:last|best)-epoch-\d{4,}\.keras")
 MODEL_GLOBS = ("last-epoch-*.keras", "best-epoch-*.keras", LEGACY_BEST_MODEL)
+KEEPS = ("best", "last")  # which of the two model files is the run's model (`fit --keep`)
 
 
 def last_model_name(epoch: int) -> str:
@@ -199,7 +200,7 @@ def run_keep(config: dict, run_dir: Path) -> str:
     """Which of its two models a run serves: config.json's --keep ("best" for a run from before the option)."""
     options = config.get("options")
     keep = options.get("keep", "best") if isinstance(options, dict) else "best"
-    if keep not in ("best", "last"):
+    if keep not in KEEPS:
         raise UserError(f"{Path(run_dir) / CONFIG}: damaged (keep must be 'best' or 'last', got {str(keep)[:50]!r})")
     return keep
 
