@@ -72,7 +72,7 @@ def main() -> None:
                 resume = ["--resume"] if run_dir.exists() else []
                 python("train", "fit", str(CACHE), "--run-dir", str(run_dir), *resume, "--epochs", str(EPOCHS),
                        "--padding", "same", "--pooling", head, "--seed", str(seed), "--quiet",
-                       log=run_dir.with_suffix(".log"))
+                       log=run_dir.parent / f"{run_dir.name}.log")
             test_auc = json.loads((run_dir / "metrics.json").read_text())["auc"]
             right4, _ = score(*predict(run_dir, DEMO_UNSEEN))
             right40, auc40 = score(*predict(run_dir, unseen40))

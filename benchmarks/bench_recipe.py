@@ -55,7 +55,8 @@ ARMS = {  # name: fit flags
     # each change of the default recipe on its own, on top of the tutorial's
     "precise-bn": ["--recipe", "tutorial", "--precise-bn-scans", "32"],
     "momentum-0.9": ["--recipe", "tutorial", "--bn-momentum", "0.9"],
-    "cosine-1e-3": ["--recipe", "tutorial", "--schedule", "cosine", "--warmup-epochs", "1", "--lr", "1e-3"],
+    "cosine-3e-4": ["--recipe", "tutorial", "--schedule", "cosine", "--warmup-epochs", "1", "--lr", "3e-4"],
+    "cosine-1e-3": ["--recipe", "tutorial", "--schedule", "cosine", "--warmup-epochs", "1", "--lr", "1e-3"],  # the first default's
     "bf16": ["--recipe", "tutorial", "--precision", "mixed_bfloat16"],
     # the default recipe with one choice changed
     "precise-fp32": ["--precision", "float32"],  # does bfloat16 cost AUC?
@@ -136,7 +137,8 @@ def train(cache: Path, run_dir: Path, epochs: int, seed: int, flags: list[str]) 
         return  # finished in an earlier invocation
     resume = ["--resume"] if run_dir.exists() else []
     python("train", "fit", str(cache), "--run-dir", str(run_dir), *resume, "--epochs", str(epochs), "--patience",
-           str(epochs), "--seed", str(seed), "--padding", "same", "--quiet", *flags, log=run_dir.with_suffix(".log"))
+           str(epochs), "--seed", str(seed), "--padding", "same", "--quiet", *flags,
+           log=run_dir.parent / f"{run_dir.name}.log")  # not with_suffix: "momentum-0.9-seed0" has a dot
 
 
 def score_run(run_dir: Path) -> dict:

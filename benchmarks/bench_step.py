@@ -1,12 +1,15 @@
-"""Cost of one training step, and of one forward pass, per scan: by batch size and precision.
+"""Cost of one training step, and of one forward pass, per scan: by batch size, precision and compiler.
 
 Builds the default recipe's network (the tutorial's layers, its BatchNorm momentum and peak
 rate), and times `train_on_batch` and `predict_on_batch` on random volumes after a warm-up, so
-neither data loading nor tracing is counted. It answers two questions about the recipe benchmark's epochs: does a larger batch make
-an epoch cheaper on this hardware (per-scan cost falling with the batch), and what does
-bfloat16 save over float32.
+neither data loading nor tracing is counted. It answers three questions about the recipe
+benchmark's epochs: does a larger batch make an epoch cheaper on this hardware (per-scan cost
+falling with the batch), what does bfloat16 save over float32, and (`--jit-compile`: every row
+timed with and without XLA, `model.compile(jit_compile=True)`) would XLA help. `fit` never asks
+for XLA, and Keras's "auto" leaves it off where TensorFlow's op determinism is on, as in `fit`.
 
-    python benchmarks/bench_step.py [--shape 64 64 32] [--batch-sizes 2 4 8] [--precisions mixed_bfloat16 float32]
+    python benchmarks/bench_step.py [--shape 64 64 32] [--batch-sizes 2 4 8]
+                                    [--precisions mixed_bfloat16 float32] [--jit-compile]
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["mixed_bfloat16", "float32"],
                         choices=("mixed_bfloat16", "float32"))
     parser.add_argument("--padding", default="same", choices=("same", "valid"))
+    parser.add_argument("--jit-compile", action="store_true", help="also time every row compiled with XLA")
     arguments = parser.parse_args()
 
     import keras
@@ -41,33 +45,36 @@ def main() -> None:
 
     print(f"{'x'.join(map(str, arguments.shape))}, padding {arguments.padding}, "
           f"{os.cpu_count()} CPUs; seconds per scan (per step)")
-    print("| precision | batch | training step | forward pass |")
-    print("|---|---|---|---|")
+    print("| precision | batch | XLA | training step | forward pass |")
+    print("|---|---|---|---|---|")
     recipe = RECIPES[DEFAULT_RECIPE]
     random = np.random.default_rng(0)
-    for precision in arguments.precisions:
-        for batch_size in arguments.batch_sizes:
-            keras.utils.set_random_seed(0)
-            model = build_model(tuple(arguments.shape), padding=arguments.padding, precision=precision,
-                                bn_momentum=recipe["bn_momentum"], pooling=recipe["pooling"])
-            model.compile(optimizer=keras.optimizers.Adam(recipe["learning_rate"]), loss="binary_crossentropy")
-            volumes = random.random((batch_size, *arguments.shape, 1), dtype=np.float32)
-            labels = random.integers(0, 2, (batch_size, 1)).astype(np.float32)
-            for _ in range(WARMUP_STEPS):
-                model.train_on_batch(volumes, labels)
-                model.predict_on_batch(volumes)
-            steps = max(4, SCANS_TIMED // batch_size)
-            start = time.perf_counter()
-            for _ in range(steps):
-                model.train_on_batch(volumes, labels)
-            train_seconds = (time.perf_counter() - start) / steps
-            start = time.perf_counter()
-            for _ in range(steps):
-                model.predict_on_batch(volumes)
-            predict_seconds = (time.perf_counter() - start) / steps
-            print(f"| {precision} | {batch_size} | {train_seconds / batch_size:.4f} s ({train_seconds:.3f} s) "
-                  f"| {predict_seconds / batch_size:.4f} s ({predict_seconds:.3f} s) |", flush=True)
-            keras.backend.clear_session()
+    rows = [(precision, batch_size, jit) for precision in arguments.precisions for batch_size in arguments.batch_sizes
+            for jit in ((False, True) if arguments.jit_compile else (False,))]
+    for precision, batch_size, jit in rows:
+        keras.utils.set_random_seed(0)
+        model = build_model(tuple(arguments.shape), padding=arguments.padding, precision=precision,
+                            bn_momentum=recipe["bn_momentum"], pooling=recipe["pooling"])
+        model.compile(optimizer=keras.optimizers.Adam(recipe["learning_rate"]), loss="binary_crossentropy",
+                      jit_compile=jit)
+        volumes = random.random((batch_size, *arguments.shape, 1), dtype=np.float32)
+        labels = random.integers(0, 2, (batch_size, 1)).astype(np.float32)
+        for _ in range(WARMUP_STEPS):
+            model.train_on_batch(volumes, labels)
+            model.predict_on_batch(volumes)
+        steps = max(4, SCANS_TIMED // batch_size)
+        start = time.perf_counter()
+        for _ in range(steps):
+            model.train_on_batch(volumes, labels)
+        train_seconds = (time.perf_counter() - start) / steps
+        start = time.perf_counter()
+        for _ in range(steps):
+            model.predict_on_batch(volumes)
+        predict_seconds = (time.perf_counter() - start) / steps
+        print(f"| {precision} | {batch_size} | {'yes' if jit else 'no'} "
+              f"| {train_seconds / batch_size:.4f} s ({train_seconds:.3f} s) "
+              f"| {predict_seconds / batch_size:.4f} s ({predict_seconds:.3f} s) |", flush=True)
+        keras.backend.clear_session()
 
 
 if __name__ == "__main__":
