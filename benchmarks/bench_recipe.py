@@ -141,6 +141,13 @@ def train(cache: Path, run_dir: Path, epochs: int, seed: int, flags: list[str]) 
            log=run_dir.parent / f"{run_dir.name}.log")  # not with_suffix: "momentum-0.9-seed0" has a dot
 
 
+def kept_runs(set_dir: Path, arm: str) -> list[Path]:
+    """The finished runs of one arm in a set's folder (every seed kept there), in seed order."""
+    seeds = {int(seed): path for path in set_dir.glob(f"{arm}-seed*")
+             if (seed := path.name.rsplit("-seed", 1)[1]).isdigit() and (path / "metrics.json").is_file()}
+    return [seeds[seed] for seed in sorted(seeds)]
+
+
 def score_run(run_dir: Path) -> dict:
     history = list(csv.DictReader(open(run_dir / "history.csv")))
     rows = [{name: float(value) for name, value in row.items()} for row in history]

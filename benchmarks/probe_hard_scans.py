@@ -39,7 +39,7 @@ def main() -> None:
 
     import numpy as np
 
-    from bench_recipe import SETS, SHARED_CACHES
+    from bench_recipe import SETS, SHARED_CACHES, kept_runs
     from preprocess.cache import CacheReader
     from preprocess.synth import make_phantom
     from train.rundir.models import load_run_model
@@ -64,19 +64,17 @@ def main() -> None:
     above: dict[int, list[int]] = {index: [] for index in normal}
     runs = 0
     for arm in arguments.arms:
-        run_dirs = [path for path in (arguments.out / arguments.set).glob(f"{arm}-seed*")
-                    if path.name.rsplit("-seed", 1)[1].isdigit() and (path / "metrics.json").is_file()]
-        for run_dir in sorted(run_dirs, key=lambda path: int(path.name.rsplit("-seed", 1)[1])):
+        for run_dir in kept_runs(arguments.out / arguments.set, arm):
             probabilities = load_run_model(run_dir).predict(volumes, batch_size=6, verbose=0).ravel()
-            wrong = probabilities[abnormal][:, None] <= probabilities[normal][None, :]  # ties count half in an
-            # AUC; a tie of two float probabilities does not occur here
+            # a tie counts whole here (half in an AUC): the AUC printed is then a lower bound
+            wrong = probabilities[abnormal][:, None] <= probabilities[normal][None, :]
             for position, index in enumerate(abnormal):
                 below[index].append(int(wrong[position].sum()))
             for position, index in enumerate(normal):
                 above[index].append(int(wrong[:, position].sum()))
             runs += 1
             by_smallest = int(wrong[list(abnormal).index(smallest)].sum())
-            print(f"  {run_dir.name}: {int(wrong.sum())} pairs wrong (AUC {1 - wrong.mean():.4f}), "
+            print(f"  {run_dir.name}: {int(wrong.sum())} pairs wrong (AUC ≥ {1 - wrong.mean():.4f}), "
                   f"{by_smallest} of them the smallest lesion's ({involvement[smallest]:.1%})", flush=True)
     print(f"\nabnormal test phantoms ranked below a normal one in any of {runs} runs, by lesion share:")
     print("| phantom | lesion share of the lung | runs | normals above it, mean over runs |")

@@ -40,7 +40,7 @@ def main() -> None:
     import numpy as np
     import tensorflow as tf
 
-    from bench_recipe import SHARED_CACHES
+    from bench_recipe import SHARED_CACHES, kept_runs
     from preprocess.cache import CacheReader
     from train.network.scores import compute_roc_auc
     from train.pipeline.augment import rotate_volume
@@ -56,9 +56,7 @@ def main() -> None:
                       for split, rows in held_out.items() for angle in angles}
         results: dict[str, list[dict]] = {}
         for arm in arguments.arms:
-            run_dirs = [path for path in (arguments.out / name).glob(f"{arm}-seed*")
-                        if path.name.rsplit("-seed", 1)[1].isdigit() and (path / "metrics.json").is_file()]
-            for run_dir in sorted(run_dirs, key=lambda path: int(path.name.rsplit("-seed", 1)[1])):
+            for run_dir in kept_runs(arguments.out / name, arm):
                 model = load_run_model(run_dir)
                 probabilities = {key: model.predict(volumes, batch_size=6, verbose=0).ravel().astype(np.float64)
                                  for key, volumes in turned.items()}
