@@ -24,7 +24,7 @@ stop, so every run has the same number of validation epochs). For each arm and s
 Runs are kept in --out, and a run already finished there is read, not repeated: an interrupted
 benchmark continues where it stopped, and more seeds or arms can be added later.
 
-    python benchmarks/bench_recipe.py [--seeds 5] [--arms tutorial precise ...] [--sets standard subtle standard-30 standard-120 subtle-120]
+    python benchmarks/bench_recipe.py [--seeds 5] [--first-seed 0] [--arms tutorial precise ...] [--sets standard subtle standard-30 standard-120 subtle-120]
 """
 from __future__ import annotations
 
@@ -224,6 +224,9 @@ def format_table(name: str, epochs: int, summaries: dict[str, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5, help="seeds per arm (0 .. N-1)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="train and report seeds from this one on (FIRST .. N-1): a later machine adding seeds "
+                             "whose earlier runs it does not hold")
     parser.add_argument("--arms", nargs="+", choices=tuple(ARMS), default=list(ARMS))
     parser.add_argument("--sets", nargs="+", choices=tuple(SETS), default=["standard", "subtle"])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_recipe", help="caches and runs (kept)")
@@ -233,7 +236,7 @@ def main() -> None:
     caches = {name: make_cache(arguments.out, name) for name in arguments.sets}
     started = time.perf_counter()
     if not arguments.report_only:
-        for seed in range(arguments.seeds):  # seed by seed, so that an interrupted run has balanced arms
+        for seed in range(arguments.first_seed, arguments.seeds):  # seed by seed, so that an interrupted run has balanced arms
             for name in arguments.sets:
                 for arm in arguments.arms:
                     run_dir = arguments.out / name / f"{arm}-seed{seed}"
@@ -243,7 +246,7 @@ def main() -> None:
                           f"{json.dumps(score_run(run_dir))}", flush=True)
     report = {}
     for name in arguments.sets:
-        finished = {arm: [run_dir for seed in range(arguments.seeds)
+        finished = {arm: [run_dir for seed in range(arguments.first_seed, arguments.seeds)
                           if ((run_dir := arguments.out / name / f"{arm}-seed{seed}") / "metrics.json").is_file()]
                     for arm in arguments.arms}
         for arm, run_dirs in finished.items():
