@@ -232,11 +232,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_recipe", help="caches and runs (kept)")
     parser.add_argument("--report-only", action="store_true", help="tabulate the finished runs in --out; train none")
     arguments = parser.parse_args()
+    if not 0 <= arguments.first_seed < arguments.seeds:
+        parser.error(f"--first-seed {arguments.first_seed}: must be at least 0 and below --seeds {arguments.seeds}")
+    seeds = range(arguments.first_seed, arguments.seeds)
     arguments.out.mkdir(parents=True, exist_ok=True)
     caches = {name: make_cache(arguments.out, name) for name in arguments.sets}
     started = time.perf_counter()
     if not arguments.report_only:
-        for seed in range(arguments.first_seed, arguments.seeds):  # seed by seed, so that an interrupted run has balanced arms
+        for seed in seeds:  # seed by seed, so that an interrupted run has balanced arms
             for name in arguments.sets:
                 for arm in arguments.arms:
                     run_dir = arguments.out / name / f"{arm}-seed{seed}"
@@ -246,7 +249,7 @@ def main() -> None:
                           f"{json.dumps(score_run(run_dir))}", flush=True)
     report = {}
     for name in arguments.sets:
-        finished = {arm: [run_dir for seed in range(arguments.first_seed, arguments.seeds)
+        finished = {arm: [run_dir for seed in seeds
                           if ((run_dir := arguments.out / name / f"{arm}-seed{seed}") / "metrics.json").is_file()]
                     for arm in arguments.arms}
         for arm, run_dirs in finished.items():
