@@ -74,10 +74,31 @@ def _parse(kind, text: str, description: str):
     return value
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever `sys.stderr` is when a message is logged.
+
+    A plain StreamHandler keeps the stream it was given. When `main()` runs in-process (tests,
+    notebooks) that can be a stream replaced and closed since, and every later message becomes a
+    "--- Logging error --- ValueError: I/O operation on closed file" report instead of a line.
+    """
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ and setStream assign it; the current stderr wins
+        pass
+
+
 def configure_logging(quiet: bool) -> None:
     """Messages as plain lines on stderr; --quiet keeps only warnings and errors."""
     logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr, force=True
+        level=logging.WARNING if quiet else logging.INFO, format="%(message)s", handlers=[CurrentStderrHandler()],
+        force=True,
     )
 
 

@@ -10,6 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import train  # noqa: F401  before any test imports TensorFlow: it sets TensorFlow's kernel choice (train/hardware.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 REAL_CT = ROOT.parent / "shared" / "realct"
 TINY_SHAPE = (32, 32, 16)

@@ -7,24 +7,10 @@ bfloat16 is emulated and slower than float32, so `auto` keeps float32 there.
 """
 from __future__ import annotations
 
-from pathlib import Path
+from train.hardware import cpu_flags
 
 NATIVE_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 MIN_GPU_COMPUTE_CAPABILITY = (8, 0)
-CPU_INFO = Path("/proc/cpuinfo")
-
-
-def cpu_flags(cpu_info: Path = CPU_INFO) -> set[str]:
-    """The instruction-set flags of the first CPU in /proc/cpuinfo (empty where there is none: not Linux)."""
-    try:
-        text = cpu_info.read_text(errors="replace")
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() == "flags":
-            return set(value.split())
-    return set()
 
 
 def native_bfloat16(gpu_compute_capabilities: list[tuple[int, int]], flags: set[str]) -> bool:
