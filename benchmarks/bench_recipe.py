@@ -83,6 +83,14 @@ def python(*arguments: str, log: Path | None = None) -> None:
                        stdout=output, stderr=subprocess.STDOUT)
 
 
+def print_machine() -> None:
+    """The CPU, its kind and TensorFlow's kernels, as the `fit` processes below get them (same environment)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from train.hardware import describe_machine
+
+    print(describe_machine(), flush=True)
+
+
 def make_cache(out: Path, name: str) -> Path:
     name = SHARED_CACHES.get(name, name)
     flags, scans, _ = SETS[name]
@@ -235,6 +243,7 @@ def main() -> None:
     if not 0 <= arguments.first_seed < arguments.seeds:
         parser.error(f"--first-seed {arguments.first_seed}: must be at least 0 and below --seeds {arguments.seeds}")
     seeds = range(arguments.first_seed, arguments.seeds)
+    print_machine()
     arguments.out.mkdir(parents=True, exist_ok=True)
     caches = {name: make_cache(arguments.out, name) for name in arguments.sets}
     started = time.perf_counter()

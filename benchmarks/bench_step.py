@@ -8,8 +8,13 @@ falling with the batch), what does bfloat16 save over float32, and (`--jit-compi
 timed with and without XLA, `model.compile(jit_compile=True)`) would XLA help. `fit` never asks
 for XLA, and Keras's "auto" leaves it off where TensorFlow's op determinism is on, as in `fit`.
 
+It prints the machine (CPU, its kind, TensorFlow's kernels) and each step's share of the CPU's
+float32 peak: the step's floating-point operations (`train.network.architecture.training_step_flops`)
+per second against cores x FLOP/cycle x clock (`train.hardware.peak_float32_gflops`). bfloat16
+rows are measured against the same float32 peak.
+
     python benchmarks/bench_step.py [--shape 64 64 32] [--batch-sizes 2 4 8]
-                                    [--precisions mixed_bfloat16 float32] [--jit-compile]
+                                    [--precisions mixed_bfloat16 float32] [--jit-compile] [--peak-gflops N]
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import train  # noqa: E402,F401  (before Keras: oneDNN's kernels unless TF_ENABLE_ONEDNN_OPTS says otherwise)
+
 WARMUP_STEPS = 3
 SCANS_TIMED = 48  # per batch size: at least 4 steps
 
@@ -35,19 +42,28 @@ def main() -> None:
                         choices=("mixed_bfloat16", "float32"))
     parser.add_argument("--padding", default="same", choices=("same", "valid"))
     parser.add_argument("--jit-compile", action="store_true", help="also time every row compiled with XLA")
+    parser.add_argument("--peak-gflops", type=float, help="the CPU's float32 peak, where the estimate is wrong")
     arguments = parser.parse_args()
 
     import keras
     import numpy as np
 
+    from train.hardware import describe_machine, peak_float32_gflops
+    from train.network.architecture import forward_flops, training_step_flops
     from train.network.model import build_model
     from train.options import DEFAULT_RECIPE, RECIPES
 
-    print(f"{'x'.join(map(str, arguments.shape))}, padding {arguments.padding}, "
-          f"{os.cpu_count()} CPUs; seconds per scan (per step)")
+    recipe = RECIPES[DEFAULT_RECIPE]
+    peak, peak_arithmetic = ((arguments.peak_gflops, f"{arguments.peak_gflops:.0f} GFLOP/s (given)")
+                             if arguments.peak_gflops else peak_float32_gflops())
+    forward = sum(forward_flops(tuple(arguments.shape), arguments.padding, pooling=recipe["pooling"]).values())
+    print(describe_machine())
+    print(f"float32 peak: {peak_arithmetic}")
+    print(f"{'x'.join(map(str, arguments.shape))}, padding {arguments.padding}: {forward / 1e9:.2f} GFLOP per scan "
+          f"forward, {training_step_flops(tuple(arguments.shape), arguments.padding, 1, pooling=recipe['pooling']) / 1e9:.2f}"
+          " per scan in a training step; seconds per scan (per step), and the share of the float32 peak")
     print("| precision | batch | XLA | training step | forward pass |")
     print("|---|---|---|---|---|")
-    recipe = RECIPES[DEFAULT_RECIPE]
     random = np.random.default_rng(0)
     rows = [(precision, batch_size, jit) for precision in arguments.precisions for batch_size in arguments.batch_sizes
             for jit in ((False, True) if arguments.jit_compile else (False,))]
@@ -71,9 +87,12 @@ def main() -> None:
         for _ in range(steps):
             model.predict_on_batch(volumes)
         predict_seconds = (time.perf_counter() - start) / steps
+        step_flops = training_step_flops(tuple(arguments.shape), arguments.padding, batch_size, pooling=recipe["pooling"])
+        train_share = step_flops / train_seconds / 1e9 / peak
+        predict_share = forward * batch_size / predict_seconds / 1e9 / peak
         print(f"| {precision} | {batch_size} | {'yes' if jit else 'no'} "
-              f"| {train_seconds / batch_size:.4f} s ({train_seconds:.3f} s) "
-              f"| {predict_seconds / batch_size:.4f} s ({predict_seconds:.3f} s) |", flush=True)
+              f"| {train_seconds / batch_size:.4f} s ({train_seconds:.3f} s), {train_share:.0%} "
+              f"| {predict_seconds / batch_size:.4f} s ({predict_seconds:.3f} s), {predict_share:.0%} |", flush=True)
         keras.backend.clear_session()
 
 

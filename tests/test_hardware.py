@@ -8,7 +8,10 @@ import sys
 import pytest
 
 from conftest import ROOT
-from train.hardware import ONEDNN_SWITCH, cpu_flags, cpu_kind, cpu_model, onednn_isa, prefer_onednn
+from train.hardware import (
+    ONEDNN_SWITCH, cpu_flags, cpu_kind, cpu_model, float32_flops_per_cycle, onednn_isa, peak_float32_gflops,
+    prefer_onednn,
+)
 
 AVX2_ONLY = {"sse4_1", "avx", "avx2", "fma"}  # a 2-core AMD EPYC VM, most laptops
 AVX512_BF16 = AVX2_ONLY | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"}
@@ -42,6 +45,20 @@ def test_cpu_model_and_flags_read_the_first_cpu(tmp_path):
                     "processor\t: 1\nmodel name\t: other\nflags\t: fpu\n")
     assert cpu_model(info) == "AMD EPYC 7B13" and cpu_flags(info) == {"fpu", "avx2", "fma"}
     assert cpu_model(tmp_path / "missing") == "unknown CPU" and cpu_flags(tmp_path / "missing") == set()
+
+
+def test_float32_peak_is_cores_times_fma_lanes_times_clock(tmp_path, monkeypatch):
+    assert float32_flops_per_cycle(AVX2_ONLY, "AuthenticAMD") == 32  # 2 FMA units x 8 lanes x 2
+    assert float32_flops_per_cycle(AVX512_BF16, "GenuineIntel") == 64
+    assert float32_flops_per_cycle(AVX512_BF16, "AuthenticAMD") == 32  # Zen 4: AVX-512 on 256-bit units
+    assert float32_flops_per_cycle({"avx"}, "GenuineIntel") == 16
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu MHz\t\t: 2450.000\nflags\t\t: avx avx2 fma\n")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    peak, arithmetic = peak_float32_gflops(info)
+    assert peak == pytest.approx(156.8) and arithmetic == "2 cores x 32 FLOP/cycle x 2.45 GHz = 157 GFLOP/s"
+    info.write_text("processor\t: 0\nflags\t\t: avx2 fma\n")
+    assert peak_float32_gflops(info)[1].startswith("unknown")
 
 
 def test_prefer_onednn_leaves_the_users_choice_alone():

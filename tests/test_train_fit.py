@@ -251,6 +251,31 @@ def test_a_killed_run_resumes_without_repeating_or_skipping_epochs(trained_run, 
         assert row["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_a_run_records_its_kernels_and_a_resume_on_other_kernels_is_warned(tiny_cache, tmp_path):
+    """Eigen's and oneDNN's kernels sum in different orders (train/hardware.py): a run begun on one and resumed
+    on the other still finishes, with one line saying its numbers will not match an uninterrupted run's."""
+    run_dir = tmp_path / "moved"
+    command = [sys.executable, "-m", "train", "fit", str(tiny_cache), "--run-dir", str(run_dir), "--padding", "same",
+               "--precision", "float32"]
+    environment = {name: value for name, value in os.environ.items() if name != "TF_ENABLE_ONEDNN_OPTS"}
+    environment.update(PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    first = subprocess.run(command + ["--epochs", "1"], cwd=ROOT, env={**environment, "TF_ENABLE_ONEDNN_OPTS": "0"},
+                           capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    machine = json.loads((run_dir / "config.json").read_text())["machine"]
+    assert machine["kernels"] == "Eigen" and machine["cpus"] == os.cpu_count() and machine["cpu_kind"]
+    assert "precision float32, CPU kernels Eigen" in first.stderr
+    assert "began on" not in first.stderr
+    resumed = subprocess.run(command + ["--epochs", "2", "--resume"], cwd=ROOT, env=environment, capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    warnings = [line for line in resumed.stderr.splitlines() if "began on Eigen kernels" in line]
+    assert len(warnings) == 1 and "continues on oneDNN" in warnings[0], resumed.stderr
+    assert json.loads((run_dir / "config.json").read_text())["machine"] == machine  # where it began
+    assert [row["epoch"] for row in read_history(run_dir / "history.csv")] == [1, 2]
+
+
 def test_the_schema_version_is_checked_before_training(tiny_cache, tmp_path):
     cache = Path(shutil.copy(tiny_cache, tmp_path / "future.h5"))
     with h5py.File(cache, "r+") as file:

@@ -7,7 +7,9 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from common.errors import UserError  # noqa: E402
-from train.network.architecture import check_input_shape, feature_map_sizes, minimum_axis_size  # noqa: E402
+from train.network.architecture import (  # noqa: E402
+    check_input_shape, feature_map_sizes, forward_flops, minimum_axis_size, training_step_flops,
+)
 from train.network.model import build_model  # noqa: E402
 from train.rundir.models import load_trained_model  # noqa: E402
 
@@ -78,3 +80,18 @@ def test_a_file_that_is_not_a_model_is_refused(tmp_path):
         load_trained_model(path)
     with pytest.raises(UserError, match="no such model"):
         load_trained_model(tmp_path / "missing.keras")
+
+
+@pytest.mark.parametrize("shape, padding, pooling", [((32, 32, 16), "same", "avg"), ((48, 50, 46), "valid", "avgmax")])
+def test_forward_flops_count_every_multiply_add_of_the_built_model(shape, padding, pooling):
+    """Counted from Keras's own output shapes and weights: 2 operations per multiply-add of each kernel weight."""
+    model = build_model(shape, padding=padding, pooling=pooling)
+    expected = {}
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv3D):
+            expected[layer.name] = 2 * int(np.prod(layer.output.shape[1:4])) * int(np.prod(layer.kernel.shape))
+        elif isinstance(layer, keras.layers.Dense):
+            expected["output" if layer.name == "probability_abnormal" else layer.name] = 2 * int(np.prod(layer.kernel.shape))
+    flops = forward_flops(shape, padding, pooling=pooling)
+    assert flops == expected
+    assert training_step_flops(shape, padding, 3, pooling=pooling) == 3 * (3 * sum(expected.values()) - expected["conv1"])

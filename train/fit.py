@@ -115,7 +115,9 @@ def start_strategy(options: FitOptions):
 
 
 def record_distribution(run_dir: Path, strategy, options: FitOptions) -> None:
-    """Write the strategy's replicas and global batch into config.json; a resume must keep them."""
+    """Write the strategy's replicas and global batch into config.json; a resume must keep them. Also
+    the machine the run began on (train.hardware): a resume elsewhere is warned that its numbers will differ."""
+    from train.hardware import machine_record
     from train.loop.distribute import describe_strategy
 
     distribution = describe_strategy(strategy)
@@ -125,11 +127,18 @@ def record_distribution(run_dir: Path, strategy, options: FitOptions) -> None:
     if recorded is not None and recorded.get("replicas") != distribution["replicas"]:
         raise UserError(f"--resume: the run trained on {recorded.get('replicas')} replicas and this strategy has "
                         f"{distribution['replicas']}: the global batch would change; resume it as it was started")
-    if recorded != distribution:
+    machine = machine_record()
+    began_on = config.get("machine", machine)  # a run from before this record: unknown, assumed the same
+    if began_on.get("kernels") != machine["kernels"]:
+        log.warning("--resume: %s began on %s kernels and continues on %s: its numbers will differ in the last "
+                    "bits from an uninterrupted run's", run_dir, began_on.get("kernels"), machine["kernels"])
+    if recorded != distribution or "machine" not in config:
         config["distribution"] = distribution
+        config.setdefault("machine", machine)  # where the run began
         write_json_atomically(run_dir / CONFIG, config)
-    log.info("strategy %s: %d replica(s) on %d worker(s), global batch %d, precision %s", distribution["strategy"],
-             distribution["replicas"], distribution["workers"], distribution["global_batch_size"], options.precision)
+    log.info("strategy %s: %d replica(s) on %d worker(s), global batch %d, precision %s, CPU kernels %s",
+             distribution["strategy"], distribution["replicas"], distribution["workers"],
+             distribution["global_batch_size"], options.precision, machine["kernels"])
 
 
 def fit_as_worker(options: FitOptions, reader: CacheReader, role: ClusterRole) -> FitReport:

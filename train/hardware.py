@@ -117,6 +117,42 @@ def numerics_key() -> str:
     return f"{kernel_path()}, {os.cpu_count()} CPUs"
 
 
+def float32_flops_per_cycle(flags: set[str], vendor: str) -> int:
+    """Peak float32 operations per cycle of one core: two fused multiply-add units, each doing
+    2 operations on every lane (8 lanes with AVX2, 16 with AVX-512).
+
+    AMD's AVX-512 (Zen 4) runs on 256-bit units, so it peaks as AVX2 does; some Intel parts
+    have only one 512-bit unit, for which this figure is twice the truth (pass --peak-gflops).
+    """
+    if "avx512f" in flags and vendor == "GenuineIntel":
+        return 64
+    if "avx2" in flags and "fma" in flags:
+        return 32
+    return 16 if "avx" in flags else 8
+
+
+def peak_float32_gflops(cpu_info: Path = CPU_INFO) -> tuple[float, str]:
+    """The CPU's float32 peak in GFLOP/s, and the arithmetic behind it (cores x FLOP/cycle x clock).
+
+    The clock is /proc/cpuinfo's "cpu MHz" of the first CPU: the current clock, not a turbo one.
+    """
+    flags = cpu_flags(cpu_info)
+    per_cycle = float32_flops_per_cycle(flags, _first_cpu_field(cpu_info, "vendor_id").strip())
+    try:
+        gigahertz = float(_first_cpu_field(cpu_info, "cpu MHz")) / 1000
+    except ValueError:
+        return float("nan"), "unknown (no clock in /proc/cpuinfo)"
+    cores = os.cpu_count() or 1
+    peak = cores * per_cycle * gigahertz
+    return peak, f"{cores} cores x {per_cycle} FLOP/cycle x {gigahertz:.2f} GHz = {peak:.0f} GFLOP/s"
+
+
+def machine_record() -> dict:
+    """What a run's config.json records of the machine it trained on (imports TensorFlow)."""
+    flags = cpu_flags()
+    return {"cpu": cpu_model(), "cpu_kind": cpu_kind(flags), "cpus": os.cpu_count(), "kernels": kernel_path(flags)}
+
+
 def describe_machine() -> str:
     """One line for benchmark output: the CPU, its kind, its core count, and TensorFlow's kernels."""
     flags = cpu_flags()

@@ -51,3 +51,36 @@ def check_input_shape(shape: tuple[int, int, int], padding: str, architecture: A
     else:
         message += "; build a cache with a larger --shape"
     raise UserError(message)
+
+
+def forward_flops(input_shape: tuple[int, int, int], padding: str, architecture: Architecture = TUTORIAL,
+                  pooling: str = "avg") -> dict[str, int]:
+    """Floating-point operations of one scan's forward pass, per layer (a multiply-add counts 2).
+
+    The convolutions and dense layers only: pooling, BatchNorm, ReLU and dropout are a few
+    operations per value, well under 1% of the total here. A convolution producing V voxels of
+    C_out channels from C_in costs 2 V k^3 C_in C_out.
+    """
+    flops = {}
+    shape = list(input_shape)
+    channels = 1
+    for index, filters in enumerate(architecture.block_filters, start=1):
+        if padding == "valid":
+            shape = [size - (architecture.kernel_size - 1) for size in shape]
+        voxels = shape[0] * shape[1] * shape[2]
+        flops[f"conv{index}"] = 2 * voxels * architecture.kernel_size**3 * channels * filters
+        shape = [size // architecture.pool_size for size in shape]
+        channels = filters
+    features = channels * (2 if pooling == "avgmax" else 1)
+    flops["dense"] = 2 * features * architecture.dense_units
+    flops["output"] = 2 * architecture.dense_units
+    return flops
+
+
+def training_step_flops(input_shape: tuple[int, int, int], padding: str, batch_size: int,
+                        architecture: Architecture = TUTORIAL, pooling: str = "avg") -> int:
+    """Floating-point operations of one training step: for each scan, the forward pass, the gradient
+    of every layer's weights (as many as its forward pass), and the gradient of every layer's input
+    but the first's (the volume needs none): 3x the forward pass, less the first convolution once."""
+    per_layer = forward_flops(input_shape, padding, architecture, pooling)
+    return batch_size * (3 * sum(per_layer.values()) - per_layer["conv1"])

@@ -6,7 +6,8 @@ epoch: it is the commit record of that epoch, it names the model files that belo
 refused before any file it names is opened.
 
 Layout:
-    config.json        options, the cache's attributes and fingerprint, versions, class weights
+    config.json        options, the cache's attributes and fingerprint, versions, class weights, the machine
+                       (CPU, kernels) the run began on
     history.csv        one row per completed epoch (epoch is 1-based)
     best-epoch-NNNN.keras  the model with the best validation AUC among the committed epochs
     last-epoch-NNNN.keras  the model and optimizer after the last completed epoch (for --resume)
