@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -13,6 +14,12 @@ import pytest
 import train  # noqa: F401  before any test imports TensorFlow: it sets TensorFlow's kernel choice (train/hardware.py)
 
 ROOT = Path(__file__).resolve().parents[1]
+# A suite started in the background by a non-interactive shell (`make test &`, a CI runner's job)
+# inherits SIGINT ignored, and so would every process it starts: the Ctrl-C tests would see their
+# Ctrl-C ignored and the command finish. Handled as an interactive Python handles it, SIGINT reaches
+# those processes as a user's Ctrl-C does (a Python handler is reset to the default on exec).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 REAL_CT = ROOT.parent / "shared" / "realct"
 TINY_SHAPE = (32, 32, 16)
 
