@@ -16,7 +16,8 @@ variable once, when it is imported). `TF_ENABLE_ONEDNN_OPTS=0` still gives Eigen
 The two sets of kernels sum in different orders, so training results differ in the last bits
 between them, and between oneDNN on different instruction sets. `numerics_key` names the
 combination, for anything that compares floating-point results recorded on another machine.
-Nothing here imports TensorFlow at module level: `preprocess` and the fast commands import this.
+Nothing here imports TensorFlow at module level: `train/__init__.py` imports this, and the
+commands that answer bad input in a second must not load TensorFlow.
 """
 from __future__ import annotations
 

@@ -61,15 +61,14 @@ def forward_flops(input_shape: tuple[int, int, int], padding: str, architecture:
     operations per value, well under 1% of the total here. A convolution producing V voxels of
     C_out channels from C_in costs 2 V k^3 C_in C_out.
     """
+    trim = architecture.kernel_size - 1 if padding == "valid" else 0
+    # each block's input length per axis: the volume's, then each earlier block's output
+    block_inputs = zip(*([size, *feature_map_sizes(size, padding, architecture)[:-1]] for size in input_shape))
     flops = {}
-    shape = list(input_shape)
     channels = 1
-    for index, filters in enumerate(architecture.block_filters, start=1):
-        if padding == "valid":
-            shape = [size - (architecture.kernel_size - 1) for size in shape]
-        voxels = shape[0] * shape[1] * shape[2]
+    for index, (filters, sizes) in enumerate(zip(architecture.block_filters, block_inputs), start=1):
+        voxels = (sizes[0] - trim) * (sizes[1] - trim) * (sizes[2] - trim)
         flops[f"conv{index}"] = 2 * voxels * architecture.kernel_size**3 * channels * filters
-        shape = [size // architecture.pool_size for size in shape]
         channels = filters
     features = channels * (2 if pooling == "avgmax" else 1)
     flops["dense"] = 2 * features * architecture.dense_units
