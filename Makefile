@@ -23,10 +23,10 @@ $(STAMP): pyproject.toml
 # each, so 16 slices keep every one), a 64x64x16 cache, 12 epochs of the default recipe with
 # --padding same (valid padding needs >= 46 voxels per axis) and --pooling avgmax, then
 # predictions for four phantoms the model has never seen (another seed), two of each class.
-# 360 rather than 120: 84 training phantoms are too few to learn the lesions from (README,
+# 360 rather than 120: 84 training phantoms are too few to learn the lesions from (docs/benchmarks.md,
 # "Training recipe"), and 54 test scans measure an AUC that 18 cannot. avgmax (global average and
 # maximum pooling, concatenated): at 64x64x16 a lesion of a few percent of the lung is a few
-# voxels, which the average alone dilutes (README, "Quick start"). 12 epochs rather than 16: of
+# voxels, which the average alone dilutes (docs/benchmarks.md, the avgmax head). 12 epochs rather than 16: of
 # those tried (7, 8 and 12 epochs at 64x64x16, 12 at 48x48x16), the shortest that called the four
 # unseen phantoms right in each of 3 seeds; the others missed one in a seed
 # (benchmarks/bench_demo.py). Its time on each kind of CPU: docs/performance.md.

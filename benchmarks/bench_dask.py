@@ -6,7 +6,7 @@ start-up, then times forced builds of the same scans with `--jobs 2` (loky) and 
 dask`, in turn, best of `--repeats` each. Two clusters:
   - Dask's defaults. Nannies start workers with MALLOC_TRIM_THRESHOLD_=65536, which also turns
     off glibc's adaptive mmap threshold, so every large array is a fresh mmap of zeroed pages;
-  - the same with MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ raised (as the README says).
+  - the same with MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ raised (as docs/scaling.md says).
 What remains of the difference per scan is what the cluster costs on one machine: each volume
 goes from a worker to the parent over TCP instead of through loky's pipe, with the scheduler's
 round trips, and the scheduler shares the two cores.

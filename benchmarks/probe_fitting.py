@@ -2,7 +2,7 @@
 
 Trains the tutorial's network (or a GroupNorm variant) on a cache's train split WITHOUT rotation,
 with PreciseBN before every validation, warm-up and cosine decay, float32, and prints the training
-loss and validation AUC per epoch and the last model's test AUC as one JSON line. The README's
+loss and validation AUC per epoch and the last model's test AUC as one JSON line. docs/benchmarks.md's
 recipe benchmark quotes it for "the network memorizes 84 phantoms but does not generalize".
 
     python benchmarks/probe_fitting.py runs/bench_recipe/standard.h5 pool=max,b=8,lr=3e-3 --seed 0 --epochs 20

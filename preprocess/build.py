@@ -87,7 +87,10 @@ def build_cache(options: BuildOptions) -> BuildReport:
 def _build(options, preprocessing, sources, refused, previous, labels_sha256) -> BuildReport:
     reusable_rows: dict[str, tuple[int, ScanRecord]] = {}
     known_failures: dict[str, Failure] = {}
-    if previous is not None and previous.preprocessing == preprocessing:
+    if previous is not None and not previous.has_scan_stats:
+        log.info("%s is a version-%d cache (no scan statistics): rebuilding every scan", previous.path,
+                 previous.schema_version)
+    elif previous is not None and previous.preprocessing == preprocessing:
         for row, record in enumerate(previous.records()):
             reusable_rows[record.source_path] = (row, record)
         known_failures = {failure.source_path: failure for failure in previous.failures()

@@ -58,7 +58,7 @@ def process_source(source: Source, preprocessing: Preprocessing, timeout_seconds
         scan_id=source.scan_id, label=source.label, class_name=source.class_name,
         source_path=source.relative_path, source_sha256=info.sha256, source_size=source.size,
         source_mtime_ns=source.mtime_ns, source_shape=info.source_shape,
-        source_spacing_mm=info.spacing_mm,
+        source_spacing_mm=info.spacing_mm, stats=info.stats,
     )
     return ScanOutcome(volume=volume, record=record)
 

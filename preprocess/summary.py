@@ -23,6 +23,10 @@ def describe_cache(reader: CacheReader) -> str:
         f"orientation  {attrs['orientation']}",
         f"resampling   {attrs['resample_method']}",
         f"splits       seed {attrs['seed']}, val {attrs['val_fraction']:g}, test {attrs['test_fraction']:g}",
+        "scan stats   " + ("raw-HU histogram, spacing, field of view, slices, lung fraction per scan"
+                           if reader.has_scan_stats else
+                           f"none (a version-{reader.schema_version} cache: predict's histogram and geometry checks "
+                           "are unavailable for runs trained on it; rebuild with `build --force`)"),
     ]
     for name in SPLIT_NAMES:
         rows = reader.split(name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -18,6 +18,7 @@ import numpy as np
 from nibabel import orientations
 
 from preprocess.resize import resize_axis, resize_volume  # noqa: F401 (resize_axis: part of this module's API)
+from preprocess.scan_stats import ScanStats, StatsAccumulator
 
 try:  # ISA-L inflates gzip about 2x faster than zlib, and inflating is most of a scan's cost.
     from isal import isal_zlib as _zlib
@@ -50,6 +51,7 @@ class ScanInfo:
     source_shape: tuple[int, int, int]  # as stored on disk
     spacing_mm: tuple[float, float, float]  # along the canonical axes
     sha256: str  # of the file bytes as stored (compressed or not)
+    stats: ScanStats | None = None  # raw-HU statistics (`preprocess.scan_stats`), filled by `preprocess_scan`
 
 
 def read_scan_bytes(path: Path) -> tuple[bytes, str]:
@@ -235,7 +237,8 @@ def open_any_scan(path: Path, series_files: tuple[Path, ...] = ()) -> OpenedScan
 def preprocess_scan(
     path: Path, shape: tuple[int, int, int], hu_min: float, hu_max: float, series_files: tuple[Path, ...] = ()
 ) -> tuple[np.ndarray, ScanInfo]:
-    """The whole per-scan transform: load, reorient, window, resize. Returns float32 in [0, 1].
+    """The whole per-scan transform: load, reorient, window, resize. Returns float32 in [0, 1], and the
+    scan's info with its raw-HU statistics (`preprocess.scan_stats`), taken from the same slabs.
 
     `path` is a NIfTI file or a DICOM series folder; `series_files`, when given, are the series' files.
 
@@ -246,11 +249,13 @@ def preprocess_scan(
     """
     scan = open_any_scan(path, series_files)
     depth = scan.stored.shape[2]
+    stats = StatsAccumulator(scan.stored.shape, scan.info.spacing_mm)
     slabs = []
     for start in range(0, depth, SLAB_SLICES):
         hu = scan.hounsfield(slice(start, start + SLAB_SLICES))
+        stats.add(hu)  # before windowing changes it in place
         in_plane = (shape[0], shape[1], hu.shape[2])
         slabs.append(resize_volume(window_volume(hu, hu_min, hu_max), in_plane))
     volume = resize_volume(np.concatenate(slabs, axis=2), shape)
     np.clip(volume, 0.0, 1.0, out=volume)  # float rounding in the averages may step past 1
-    return volume, scan.info
+    return volume, replace(scan.info, stats=stats.result())

@@ -56,7 +56,7 @@ def keep_freed_memory(libc) -> None:
     blocks fresh and unmaps them when freed, so every scan page-faults its memory in again, and
     two workers doing that at once contend in the kernel: measured, --jobs 2 went from 0.064 to
     0.053 s/scan with these thresholds (--jobs 1, in the build's own process, did not change).
-    The same two thresholds are the advice for Dask workers in the README.
+    The same two thresholds are the advice for Dask workers in docs/scaling.md.
     """
     if hasattr(libc, "mallopt"):
         libc.mallopt(M_MMAP_THRESHOLD, WORKER_MMAP_THRESHOLD_BYTES)

@@ -149,6 +149,30 @@ def test_incremental_rebuild_reprocesses_only_changes(raw_copy, tmp_path):
     assert_same_content(content(out), content(fresh))
 
 
+def test_a_version_1_cache_is_read_and_rebuilt_into_version_2_with_one_line(synthetic_raw, tmp_path, capsys):
+    import h5py
+
+    out = tmp_path / "cache.h5"
+    build(synthetic_raw, out)
+    with CacheReader(out) as reader:
+        stats = reader.scan_stats()
+        assert reader.has_scan_stats and len(stats) == 16 and stats[0].slices >= 8
+        assert sum(stats[0].hu_histogram) == pytest.approx(1.0) and 0.0 < stats[0].lung_fraction < 1.0
+    with h5py.File(out, "r+") as file:  # what a build before /scan_stats wrote
+        del file["scan_stats"]
+        file.attrs["schema_version"] = 1
+    with CacheReader(out) as reader:
+        assert not reader.has_scan_stats and reader.scan_stats() is None and len(reader.records()) == 16
+    assert main(["info", str(out)]) == 0
+    assert "scan stats   none (a version-1 cache" in capsys.readouterr().out
+    assert main(["build", "--raw", str(synthetic_raw), "--out", str(out), "--shape", *map(str, TINY_SHAPE),
+                 "--jobs", "1"]) == 0
+    assert f"{out} is a version-1 cache (no scan statistics): rebuilding every scan" in capsys.readouterr().err
+    with CacheReader(out) as reader:
+        assert reader.schema_version == SCHEMA_VERSION == 2 and reader.scan_stats() == stats
+        assert len(reader.records()) == 16
+
+
 def test_changed_option_rebuilds_everything_and_force_always_does(synthetic_raw, tmp_path):
     out = tmp_path / "cache.h5"
     build(synthetic_raw, out)

@@ -5,6 +5,8 @@ import h5py
 import numpy as np
 import pytest
 
+from preprocess.scan_stats import compute_scan_stats
+
 from preprocess.cache import (
     SCHEMA_VERSION, CacheError, CacheReader, CacheWriter, Failure, Preprocessing, ScanRecord, SplitOptions,
     temp_path_for,
@@ -19,6 +21,7 @@ def record(index: int, label: int) -> ScanRecord:
         scan_id=f"CT-{label}/study_{index:04d}", label=label, class_name=f"CT-{label}",
         source_path=f"CT-{label}/study_{index:04d}.nii.gz", source_sha256=f"{index:064x}", source_size=100 + index,
         source_mtime_ns=10**18 + index, source_shape=(512, 512, 40 + index), source_spacing_mm=(0.7, 0.7, 8.0),
+        stats=compute_scan_stats(np.full((16, 16, 40 + index), -1000.0 + 100 * index), (0.7, 0.7, 8.0)),
     )
 
 

@@ -797,3 +797,45 @@ def test_fit_options_from_code_have_the_same_limits(tiny_cache, tmp_path, change
     with pytest.raises(UserError, match=fragment):
         fit_model(FitOptions(cache=tiny_cache, run_dir=tmp_path / "run", padding="same", **changes))
     assert not (tmp_path / "run").exists()
+
+
+# -- a run's calibration.json and reference.json, damaged or hostile --------------------------------------
+REFERENCE_KEYS = ["version", "model", "feature_threshold", "histogram_threshold", "val_flag_rate", "geometry",
+                  "histogram_edges", "feature_means", "feature_precision", "histogram_cdfs", "geometry_low",
+                  "geometry_high", "geometry_seen_low", "geometry_seen_high"]
+
+
+@pytest.fixture(scope="module")
+def reference_document(tmp_path_factory) -> dict:
+    from preprocess.scan_stats import compute_scan_stats
+    from train.trust.ood import build_reference, write_reference
+
+    folder = tmp_path_factory.mktemp("reference")
+    rng = np.random.default_rng(0)
+    stats = [compute_scan_stats(rng.uniform(-1000, 400, (8, 8, 8)), (1.0, 1.0, 2.0)) for _ in range(16)]
+    write_reference(folder, build_reference("last-epoch-0001.keras", rng.normal(size=(12, 6)), np.arange(12) % 2,
+                                            rng.normal(size=(4, 6)), stats[:12], stats[12:]))
+    return json.loads((folder / "reference.json").read_text())
+
+
+@fuzz_settings(100)
+@given(data=st.data(), calibration=st.dictionaries(st.sampled_from(
+    ["temperature", "model", "fitted_on", "scans", "nll_before", "nll_after", "at_bound", "other"]), json_values)
+    | json_values)
+def test_fuzzed_calibration_and_reference_files_are_read_or_refused_with_one_line(reference_document, tmp_path, data,
+                                                                                 calibration):
+    from train.trust.calibration import read_calibration
+    from train.trust.ood import read_reference
+
+    document = dict(reference_document)
+    for key in data.draw(st.lists(st.sampled_from(REFERENCE_KEYS), max_size=3)):  # replaced by a hostile value
+        document[key] = data.draw(json_values | st.lists(st.lists(st.floats(), max_size=3), max_size=3))
+    run_dir = tmp_path / "fuzz"
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / "reference.json").write_text(json.dumps(document))
+    (run_dir / "calibration.json").write_text(json.dumps(calibration))
+    for read in (lambda: read_reference(run_dir), lambda: read_calibration(run_dir)):
+        try:
+            read()
+        except UserError as error:
+            assert str(error) and "\n" not in str(error)

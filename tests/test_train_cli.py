@@ -48,9 +48,9 @@ def foreign_hdf5(tmp_path) -> Path:
 
 @pytest.fixture
 def other_version_cache(tiny_cache, tmp_path) -> Path:
-    path = Path(shutil.copy(tiny_cache, tmp_path / "v2.h5"))
+    path = Path(shutil.copy(tiny_cache, tmp_path / "v99.h5"))
     with h5py.File(path, "r+") as file:
-        file.attrs["schema_version"] = 2
+        file.attrs["schema_version"] = 99
     return path
 
 
@@ -104,7 +104,7 @@ def test_bad_fit_flags_exit_2_with_one_line(tiny_cache, arguments, fragment, cap
 @pytest.mark.parametrize("cache_fixture, fragment", [
     ("not_hdf5", "not an HDF5 file"),
     ("foreign_hdf5", "not this project's cache"),
-    ("other_version_cache", "schema version 2"),
+    ("other_version_cache", "schema version 99"),
 ])
 @pytest.mark.parametrize("command", ["fit", "evaluate", "bench-input"])
 def test_a_bad_cache_is_refused_by_every_command(command, cache_fixture, fragment, request, tmp_path, capsys):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -119,3 +120,43 @@ def test_runs_lists_the_folds(cv_run, capsys):
         line = next(line for line in table.splitlines() if line.startswith(f"cv/fold-{fold} "))
         # a fold never saw the test split: its fold report is not shown as test numbers
         assert "cv fold" in line and line.split()[-2:] == ["-", "-"], line
+
+
+@pytest.mark.slow
+def test_predict_and_evaluate_on_a_cv_directory_average_the_folds_and_report_their_spread(cv_run, tiny_cache,
+                                                                                       synthetic_raw, capsys):
+    from train.__main__ import main
+
+    scans = sorted(synthetic_raw.rglob("*.nii.gz"))[:2]
+    assert main(["predict", str(cv_run), *map(str, scans), "--json"]) == 0
+    documents = json.loads(capsys.readouterr().out)
+    per_fold = []
+    for fold in range(1, FOLDS + 1):
+        assert main(["predict", str(cv_run / f"fold-{fold}"), *map(str, scans), "--json"]) == 0
+        per_fold.append([document["probability_abnormal"] for document in json.loads(capsys.readouterr().out)])
+    per_fold = np.array(per_fold)
+    for index, document in enumerate(documents):
+        assert document["probability_abnormal"] == pytest.approx(per_fold[:, index].mean(), abs=1e-6)
+        spread = document["spread"]
+        of_predicted = per_fold[:, index] if document["predicted_class"] == "abnormal" else 1 - per_fold[:, index]
+        assert spread["folds"] == FOLDS and spread["sd"] == pytest.approx(np.std(of_predicted, ddof=1), abs=1e-6)
+        assert spread["min"] == pytest.approx(of_predicted.min(), abs=1e-6)
+        assert len(document["ood_scores"]["features"]["flagged"]) == FOLDS  # each fold's verdict, and the majority
+    assert main(["predict", str(cv_run), *map(str, scans)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(f"The {FOLDS} fold models are" in line and "(folds: sd" in line for line in lines)
+    assert main(["evaluate", str(cv_run), str(tiny_cache)]) == 0
+    output = capsys.readouterr().out
+    assert output.startswith("test split: ") and "temperatures" in output
+    summary = json.loads((cv_run / "cv_summary.json").read_text())
+    assert f"AUC          {summary['test']['auc']:.4f}" in output  # the same ensemble cv reported on the test split
+
+
+def test_an_unfinished_cv_directory_is_refused_in_one_line(cv_run, tmp_path, capsys):
+    from train.__main__ import main
+
+    partial = tmp_path / "partial"
+    shutil.copytree(cv_run / "fold-1", partial / "fold-1")
+    assert main(["predict", str(partial), "scan.nii.gz"]) != 0
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "has not finished" in line

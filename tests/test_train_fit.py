@@ -31,7 +31,8 @@ from train.rundir.layout import model_path, read_history, read_state  # noqa: E4
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3
 SENTENCE = re.compile(r"^(?P<scan>.+): This model is (?P<percent>\d+\.\d\d) percent confident that the CT scan is "
-                      r"(?P<name>normal|abnormal)$")
+                      r"(?P<name>normal|abnormal)"
+                      r"(?: -- but this scan is unlike the training data \((?P<reasons>.+)\); do not rely on this result)?$")
 
 
 def tiny_options(cache: Path, run_dir: Path, **changes) -> FitOptions:
@@ -60,7 +61,9 @@ def test_fit_writes_every_artifact(trained_run, tiny_cache):
     names = {path.name for path in trained_run.iterdir()}
     state = read_state(trained_run)
     assert {"config.json", "history.csv", f"best-epoch-{state.best_epoch:04d}.keras", f"last-epoch-{EPOCHS:04d}.keras",
-            "state.json", "training_curves.png", "metrics.json", "tensorboard"} <= names
+            "state.json", "training_curves.png", "metrics.json", "tensorboard", "roc_test.png", "reliability_test.png",
+            "calibration.json", "reference.json"} <= names
+    assert (trained_run / "reliability_test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert state.best_model == f"best-epoch-{state.best_epoch:04d}.keras"
     assert len([name for name in names if name.startswith("last-epoch-")]) == 1, "older training states deleted"
     assert len([name for name in names if name.startswith("best-epoch-")]) == 1, "older best models deleted"
@@ -109,14 +112,21 @@ def test_metrics_json_is_the_kept_model_on_the_test_split(trained_run, tiny_cach
     assert model_path(trained_run) == trained_run / state.last_model
     # `evaluate` on the same split reproduces it: the same model, the same unaugmented data
     report = evaluate_run(trained_run, tiny_cache, "test")
-    for name in ("accuracy", "sensitivity", "specificity", "confusion_matrix"):
+    for name in ("accuracy", "sensitivity", "specificity", "confusion_matrix", "calibration"):
         assert report[name] == metrics[name]
+    calibration = metrics["calibration"]
+    assert calibration["temperature"] == json.loads((trained_run / "calibration.json").read_text())["temperature"]
+    assert calibration["ece_bins"] == 1 and sum(row["scans"] for row in calibration["reliability"]) == test_size
+    for when in ("before", "after"):
+        assert set(calibration[when]) == {"ece", "brier", "nll"}
 
 
 def test_evaluate_prints_the_metrics_of_a_split(trained_run, tiny_cache, capsys):
     assert main(["evaluate", str(trained_run), str(tiny_cache), "--split", "val"]) == 0
     output = capsys.readouterr().out
     assert output.startswith("val split: ") and "AUC" in output and "specificity" in output
+    assert "ECE over 1 equal-count bins" in output and "before" in output and "after" in output
+    assert f"reliability diagram: {trained_run / 'reliability_val_tiny.png'}" in output
 
 
 def test_evaluate_refuses_a_cache_preprocessed_differently(trained_run, other_window_cache):
@@ -124,7 +134,9 @@ def test_evaluate_refuses_a_cache_preprocessed_differently(trained_run, other_wi
         evaluate_run(trained_run, other_window_cache, "test")
 
 
-def test_predict_prints_the_tutorials_sentence_for_real_ct(trained_run, real_ct, capsys):
+def test_predict_prints_the_tutorials_sentence_for_real_ct_with_the_warning(trained_run, real_ct, capsys):
+    # a model trained on phantoms has never seen real CT: each real scan keeps its probability, and its
+    # sentence says why not to rely on it (field of view, spacing, slices: real CT is not 350 x 350 x 300 mm)
     scans = sorted(real_ct.glob("*.nii.gz"))
     assert main(["predict", str(trained_run), *map(str, scans)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -132,10 +144,17 @@ def test_predict_prints_the_tutorials_sentence_for_real_ct(trained_run, real_ct,
     for line, scan in zip(lines, scans):
         match = SENTENCE.match(line)
         assert match and match["scan"] == str(scan) and 50.0 <= float(match["percent"]) <= 100.0
+        assert match["reasons"] and "training" in match["reasons"]
     assert main(["predict", str(trained_run), *map(str, scans), "--json"]) == 0
     documents = json.loads(capsys.readouterr().out)
     assert [document["scan"] for document in documents] == list(map(str, scans))
     assert all(0.0 <= document["probability_abnormal"] <= 1.0 for document in documents)
+    assert all(document["in_distribution"] is False and document["ood_reasons"] for document in documents)
+    assert all(document["calibrated"] is True for document in documents)
+    assert all(set(document["ood_scores"]) == {"histogram", "features", "geometry"} for document in documents)
+    # --strict: the same output, and a non-zero exit because scans were flagged
+    assert main(["predict", str(trained_run), *map(str, scans), "--strict"]) == 3
+    assert len(capsys.readouterr().out.splitlines()) == len(scans)
 
 
 def test_predict_preprocesses_like_the_training_cache(trained_run, tiny_cache, synthetic_raw):
@@ -147,10 +166,12 @@ def test_predict_preprocesses_like_the_training_cache(trained_run, tiny_cache, s
         record = reader.records()[row]
         cached_volume = reader.read_volume(row)
     model = load_trained_model(model_path(trained_run))
-    expected = float(model(cached_volume[None, ..., None], training=False).numpy().reshape(-1)[0])
+    raw = float(model(cached_volume[None, ..., None], training=False).numpy().reshape(-1)[0])
+    temperature = json.loads((trained_run / "calibration.json").read_text())["temperature"]
+    expected = 1.0 / (1.0 + np.exp(-np.log(raw / (1.0 - raw)) / temperature))  # calibrated: sigmoid(logit / T)
     [prediction] = predict_scans(trained_run, [synthetic_raw / record.source_path])
-    assert prediction.error is None
-    assert prediction.probability_abnormal == pytest.approx(expected, abs=1e-6)
+    assert prediction.error is None and prediction.calibrated
+    assert prediction.probability_abnormal == pytest.approx(expected, abs=1e-5)
 
 
 def test_an_unreadable_scan_gets_one_error_line_and_the_others_are_predicted(trained_run, real_ct, tmp_path, capsys):
@@ -311,3 +332,72 @@ def test_predict_reads_a_dicom_series_folder_like_the_same_scan_as_nifti(trained
     assert len(errors) == 2
     assert errors[0].startswith(f"python -m train: error: {tmp_path / 'two'}: 2 DICOM series in this folder")
     assert errors[1].startswith(f"python -m train: error: {folder}: missing slices: 1 missing")
+
+
+def test_a_scan_that_fails_a_hard_check_gets_its_reason_and_no_probability(trained_run, synthetic_raw, tmp_path,
+                                                                          capsys):
+    import nibabel as nib
+
+    good = sorted(synthetic_raw.rglob("*.nii.gz"))[0]
+    image = nib.load(good)
+    rescaled = tmp_path / "rescaled.nii.gz"  # the same phantom, its HU scaled to [0, 1]: not a CT in HU any more
+    hu = np.asarray(image.dataobj, dtype=np.float32)
+    nib.save(nib.Nifti1Image((np.clip(hu, -1000, 400) + 1000) / 1400, image.affine), rescaled)
+    assert main(["predict", str(trained_run), str(rescaled), str(good)]) == 1
+    captured = capsys.readouterr()
+    [error_line] = captured.err.strip().splitlines()
+    assert error_line.startswith(f"python -m train: error: {rescaled}: not assessed: ")
+    assert "not Hounsfield units" in error_line
+    [line] = captured.out.splitlines()
+    assert SENTENCE.match(line)["scan"] == str(good)
+    assert main(["predict", str(trained_run), str(rescaled), "--json"]) == 1
+    [document] = json.loads(capsys.readouterr().out)
+    assert document["probability_abnormal"] is None and document["in_distribution"] is False
+    assert "not Hounsfield units" in document["ood_reasons"][0]
+
+
+def test_a_run_made_before_calibration_predicts_raw_with_one_line_each(trained_run, synthetic_raw, tmp_path, capsys):
+    run_dir = Path(shutil.copytree(trained_run, tmp_path / "old-run"))
+    (run_dir / "calibration.json").unlink()
+    (run_dir / "reference.json").unlink()
+    scan = sorted(synthetic_raw.rglob("*.nii.gz"))[0]
+    assert main(["predict", str(run_dir), str(scan), "--json"]) == 0
+    captured = capsys.readouterr()
+    [document] = json.loads(captured.out)
+    assert document["calibrated"] is False and document["in_distribution"] is None
+    warnings = captured.err.strip().splitlines()
+    assert len(warnings) == 2 and "Traceback" not in captured.err
+    assert "no calibration" in warnings[0] and "raw network outputs" in warnings[0]
+    assert "no reference of the training scans" in warnings[1]
+    # and its raw probability is the model's own output
+    from preprocess.volume import preprocess_scan
+    from train.rundir.models import load_trained_model
+
+    model = load_trained_model(model_path(run_dir))
+    volume, _ = preprocess_scan(scan, (32, 32, 16), -1000.0, 400.0)
+    raw = float(model(volume[None, ..., None], training=False).numpy().reshape(-1)[0])
+    assert document["probability_abnormal"] == pytest.approx(raw, abs=1e-6)
+    # `fit --resume` on such a finished run adds its calibration and reference without training
+    fit_model(tiny_options(Path(json.loads((run_dir / "config.json").read_text())["cache"]["path"]), run_dir,
+                           resume=True))
+    assert (run_dir / "calibration.json").is_file() and (run_dir / "reference.json").is_file()
+
+
+def test_a_run_on_a_version_1_cache_checks_features_only_and_says_so(tiny_cache, synthetic_raw, tmp_path, capsys):
+    import h5py
+
+    old_cache = Path(shutil.copy(tiny_cache, tmp_path / "v1.h5"))
+    with h5py.File(old_cache, "r+") as file:  # a cache written before scan statistics
+        del file["scan_stats"]
+        file.attrs["schema_version"] = 1
+    run_dir = tmp_path / "run"
+    fit_model(tiny_options(old_cache, run_dir, epochs=1))
+    scan = sorted(synthetic_raw.rglob("*.nii.gz"))[0]
+    capsys.readouterr()
+    assert main(["predict", str(run_dir), str(scan), "--json"]) == 0
+    captured = capsys.readouterr()
+    [document] = json.loads(captured.out)
+    assert document["calibrated"] is True and document["ood_scores"]["histogram"]["score"] is None
+    assert document["ood_scores"]["features"]["score"] is not None
+    [warning] = captured.err.strip().splitlines()
+    assert "version-1 cache" in warning and "only the features check" in warning

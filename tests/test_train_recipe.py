@@ -292,5 +292,7 @@ def test_fit_and_evaluate_draw_roc_curves(tiny_cache, tmp_path):
     report = evaluate_run(run_dir, tiny_cache, "val")
     assert report["roc_curve"] == str(run_dir / f"roc_val_{tiny_cache.stem}.png")
     assert Path(report["roc_curve"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert format_report(report).endswith(f"ROC curve: {report['roc_curve']}")
+    lines = format_report(report).splitlines()
+    assert lines[-2:] == [f"ROC curve: {report['roc_curve']}", f"reliability diagram: {report['reliability_diagram']}"]
+    assert Path(report["reliability_diagram"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shutil.rmtree(run_dir)

@@ -74,22 +74,30 @@ def make_parser() -> ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate", help="metrics of a run's model on a split of a cache", formatter_class=defaults,
         description="Accuracy, AUC, sensitivity, specificity and the confusion matrix of a run's model "
-        "on one split of a cache preprocessed like the run's training cache.",
+        "on one split of a cache preprocessed like the run's training cache, from its calibrated probabilities; ECE, "
+        "Brier and NLL before and after calibration; and the ROC curve and reliability diagram as PNGs in the run.",
     )
-    evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory written by `fit`")
+    evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                          help="run directory written by `fit`, or a `cv` directory (its folds' mean)")
     evaluate.add_argument("cache", type=Path, metavar="CACHE", help="cache file with the same preprocessing")
     evaluate.add_argument("--split", choices=SPLITS, default="test", help="which split of the cache to evaluate")
 
     predict = commands.add_parser(
         "predict", help="classify raw NIfTI scans or DICOM series with a run's model", formatter_class=defaults,
-        description="Preprocess .nii/.nii.gz scans or DICOM series folders exactly like the run's training cache and print, per scan, "
-        "how confident the model is in its predicted class. Unreadable scans get an error line each "
-        "(stderr); the others are still predicted, and the exit code is 1 if any failed.",
+        description="Preprocess .nii/.nii.gz scans or DICOM series folders exactly like the run's training cache and "
+        "print, per scan, how confident the model is in its predicted class (calibrated on the run's validation split), "
+        "and a warning naming the reason when the scan is unlike the training data. Unreadable scans, and volumes "
+        "that are not a CT in Hounsfield units at all, get an error line each (stderr) and no probability; the "
+        "others are still predicted, and the exit code is 1 if any failed.",
     )
-    predict.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory written by `fit`")
+    predict.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                         help="run directory written by `fit`, or a `cv` directory (its folds, as an ensemble)")
     predict.add_argument("scans", type=Path, nargs="+", metavar="SCAN",
                          help=".nii or .nii.gz CT scan, or a folder holding one DICOM series")
     predict.add_argument("--json", action="store_true", help="print a JSON list instead of sentences")
+    predict.add_argument("--strict", action="store_true",
+                         help="exit with code 3 when any scan is unlike the training data (the others are still "
+                         "predicted and printed)")
     predict.add_argument("--explain", type=Path, default=None, metavar="OUT_DIR",
                          help="also write a Grad-CAM montage per scan into OUT_DIR (<scan>_gradcam.png): where the "
                          "last convolutional block looked for the predicted class%(default).0s")
@@ -266,7 +274,7 @@ def run_predict(arguments) -> int:
     from train.predict import predict_scans, print_predictions
 
     return print_predictions(predict_scans(arguments.run_dir, arguments.scans, arguments.explain), arguments.json,
-                             PROG)
+                             PROG, arguments.strict)
 
 
 def run_bench(arguments) -> None:

@@ -109,7 +109,7 @@ def evaluate_ensemble_on_test(options: FitOptions, run_dirs: list[Path]) -> dict
     """The test report of the fold models, their probabilities averaged: the one look at the test split."""
     from train.evaluate import evaluate_rows
     from train.network.tasks import make_task
-    from train.rundir.models import load_run_model
+    from train.trust.served import load_served, open_configs
 
     with CacheReader(options.cache) as reader:
         task = make_task(options.task, reader)
@@ -117,9 +117,9 @@ def evaluate_ensemble_on_test(options: FitOptions, run_dirs: list[Path]) -> dict
         if len(rows) == 0:
             log.warning("the test split of %s is empty: no test report", options.cache)
             return {"split": "test", "scans": 0}
-        models = (load_run_model(run_dir) for run_dir in run_dirs)  # loaded one at a time
-        report = evaluate_rows(models, reader, rows, task, "test")
-    return {**report, "model": f"mean of the {len(run_dirs)} fold models' probabilities"}
+        members = (load_served(*open_configs(run_dir))[0] for run_dir in run_dirs)  # loaded one at a time
+        report = evaluate_rows(members, reader, rows, task, "test")
+    return {**report, "model": f"mean of the {len(run_dirs)} fold models' calibrated probabilities"}
 
 
 def format_summary(report: CrossValidationReport) -> str:
@@ -137,5 +137,10 @@ def format_summary(report: CrossValidationReport) -> str:
         headline = HEADLINE_METRICS[summary["task"]]["headline"]
         lines.append(f"test split ({test['scans']} scans), {test['model']}: "
                      + ", ".join(f"{name} {number(test[name])}" for name in headline))
+        calibration = test.get("calibration") or {}
+        if calibration.get("after"):
+            lines.append(f"  calibration: ECE {number(calibration['before']['ece'])} -> "
+                         f"{number(calibration['after']['ece'])} ({calibration['ece_bins']} equal-count bins), spread "
+                         f"across folds (mean sd) {number(test.get('fold_spread_sd_mean'))}")
     lines.append(f"written to {report.run_dir / SUMMARY}")
     return "\n".join(lines)

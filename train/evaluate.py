@@ -10,7 +10,7 @@ from common.errors import UserError
 from preprocess.cache import CacheReader
 from train.loop.native_logs import load_tensorflow
 from train.network.tasks import Task, class_indices, task_from_config
-from train.rundir.layout import ROC_CURVE, open_run
+from train.rundir.layout import RELIABILITY, ROC_CURVE
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +27,14 @@ def check_same_preprocessing(config: dict, reader: CacheReader, run_dir: Path) -
                         f"({'; '.join(differences)}); rebuild it with the run's options")
 
 
-def predict_split(model, reader: CacheReader, rows: np.ndarray, batch_size: int = EVALUATION_BATCH_SIZE) -> np.ndarray:
-    """The model's probabilities for each row, in row order, streamed from the cache without augmentation:
+def predict_split(model, reader: CacheReader, rows: np.ndarray) -> np.ndarray:
+    """A bare model's raw probabilities for each row, in row order, streamed from the cache without augmentation:
     P(abnormal) (N,) for a binary model, grade probabilities (N, classes) for a severity model."""
-    from train.pipeline.data import make_evaluation_dataset, reporting_read_failures
+    from train.trust.calibration import probabilities_from_logits
+    from train.trust.served import outputs_for_rows
 
-    outputs = int(model.output_shape[-1])
-    if len(rows) == 0:
-        return np.zeros((0,) if outputs == 1 else (0, outputs), dtype=np.float64)
-    dataset = make_evaluation_dataset(reader, rows, reader.labels[rows], batch_size)
-    volumes_only = dataset.map(lambda volume, label: volume)
-    with reporting_read_failures():
-        probabilities = np.asarray(model.predict(volumes_only, verbose=0), dtype=np.float64)
-    return probabilities.reshape(-1) if outputs == 1 else probabilities.reshape(len(rows), outputs)
+    _, logits = outputs_for_rows(model, reader, rows)
+    return probabilities_from_logits(logits)
 
 
 def report_from_probabilities(task: Task, classes: np.ndarray, probabilities: np.ndarray) -> dict:
@@ -51,53 +46,79 @@ def report_from_probabilities(task: Task, classes: np.ndarray, probabilities: np
     return compute_severity_report(classes, probabilities, task.class_names, task.grade_numbers)
 
 
-def evaluate_rows(models, reader: CacheReader, rows: np.ndarray, task: Task, name: str,
-                  roc_path: Path | None = None) -> dict:
-    """The report (see `train.network.scores`) of a model on some rows of the cache, labelled `name`;
-    with `roc_path`, also a PNG of the ROC curve there (a file that cannot be written is a warning).
+def evaluate_rows(members, reader: CacheReader, rows: np.ndarray, task: Task, name: str,
+                  roc_path: Path | None = None, reliability_path: Path | None = None) -> dict:
+    """The report (see `train.network.scores`) of served models (`train.trust.served`) on some rows of the cache,
+    labelled `name`, from their calibrated probabilities, with ECE, Brier and NLL before and after calibration;
+    with `roc_path` and `reliability_path`, also PNGs of the ROC curve and the reliability diagram there (a file
+    that cannot be written is a warning).
 
-    `models` is one model, or several (an ensemble: `cv`'s fold models) whose probabilities are averaged.
+    `members` is one served model, or several (an ensemble: `cv`'s folds, possibly a generator that loads them
+    one at a time) whose probabilities are averaged.
     """
     from common.files import WriteError
     from train.network.scores import DECISION_THRESHOLD
-    from train.rundir.plots import save_roc_curve
+    from train.rundir.plots import save_reliability_diagram, save_roc_curve
+    from train.trust.calibration import calibration_report
 
     if len(rows) == 0:
         log.warning("the %s rows of %s are none; their metrics are undefined", name, reader.path)
-    models = [models] if hasattr(models, "predict") else models
-    probabilities = np.mean([predict_split(model, reader, rows) for model in models], axis=0)
+    members = [members] if hasattr(members, "outputs_for_rows") else members
+    raw, calibrated, temperatures = [], [], []
+    for member in members:
+        _, logits = member.outputs_for_rows(reader, rows)
+        raw.append(member.probabilities(logits, calibrated=False))
+        calibrated.append(member.probabilities(logits))
+        temperatures.append(member.calibration.temperature if member.calibration is not None else None)
+    raw_mean, calibrated_mean = np.mean(raw, axis=0), np.mean(calibrated, axis=0)
     classes = class_indices(task, reader, rows)
-    if roc_path is not None and len(rows):
+    is_calibrated = all(value is not None for value in temperatures)
+    temperature = (temperatures[0] if len(temperatures) == 1 else temperatures) if is_calibrated else None
+    calibration = calibration_report(raw_mean, calibrated_mean, classes, temperature)
+    title = f"{name} split of {Path(reader.path).name}"
+    if len(rows):
         try:
-            save_roc_curve(classes, probabilities, task.class_names, f"ROC, {name} split of {Path(reader.path).name}",
-                           roc_path, DECISION_THRESHOLD if task.is_binary else None)
+            if roc_path is not None:
+                save_roc_curve(classes, calibrated_mean, task.class_names, f"ROC, {title}", roc_path,
+                               DECISION_THRESHOLD if task.is_binary else None)
+            if reliability_path is not None:
+                save_reliability_diagram(calibration, f"Reliability, {title}", reliability_path)
         except WriteError as error:
-            log.warning("no ROC curve: %s", error)
-    return {"split": name, "task": task.name, **report_from_probabilities(task, classes, probabilities)}
-
-
-def evaluate_model(model, reader: CacheReader, split: str, task: Task, roc_path: Path | None = None) -> dict:
-    """The report of `model` on a split of the cache (and its ROC curve, with `roc_path`)."""
-    return evaluate_rows(model, reader, reader.split(split), task, split, roc_path)
+            log.warning("no figure: %s", error)
+    report = {"split": name, "task": task.name, **report_from_probabilities(task, classes, calibrated_mean),
+              "calibration": calibration}
+    if len(calibrated) > 1:
+        report["fold_spread_sd_mean"] = float(np.mean(np.std(calibrated, axis=0, ddof=1)))
+    return report
 
 
 def evaluate_run(run_dir: Path, cache: Path, split: str = "test") -> dict:
-    """Metrics of the run's model (`--keep`) on `split` of `cache`; refuses a differently preprocessed cache."""
-    config = open_run(run_dir)
+    """Metrics of the run's model (`--keep`), or of a cross-validation's fold models averaged, on `split` of
+    `cache`; refuses a differently preprocessed cache."""
+    from train.trust.served import is_cv_dir, open_configs
+
+    dirs, configs = open_configs(run_dir)
+    config = configs[0]
     task = task_from_config(config)
     with CacheReader(cache) as reader:
         check_same_preprocessing(config, reader, run_dir)
         rows = reader.split(split)
         class_indices(task, reader, rows)  # a grade the run does not know: refused before the model loads
         load_tensorflow()  # only once the inputs are valid: bad input is refused in a second
-        from train.rundir.models import load_run_model
+        from train.trust.served import load_served
 
-        model = load_run_model(Path(run_dir))
-        roc_path = Path(run_dir) / ROC_CURVE.format(split=f"{split}_{Path(cache).stem}")
-        report = evaluate_model(model, reader, split, task, roc_path)
-        if roc_path.is_file():
-            report["roc_curve"] = str(roc_path)
-        return {"run_dir": str(run_dir), "cache": str(cache), "cache_fingerprint": reader.fingerprint, **report}
+        members = load_served(dirs, configs)
+        stem = f"{split}_{Path(cache).stem}"
+        roc_path = Path(run_dir) / ROC_CURVE.format(split=stem)
+        reliability_path = Path(run_dir) / RELIABILITY.format(split=stem)
+        report = evaluate_rows(members, reader, rows, task, split, roc_path, reliability_path)
+        for key, path in (("roc_curve", roc_path), ("reliability_diagram", reliability_path)):
+            if path.is_file():
+                report[key] = str(path)
+        model = (f"mean of the {len(members)} fold models' calibrated probabilities" if is_cv_dir(run_dir)
+                 else "the run's model")
+        return {"run_dir": str(run_dir), "cache": str(cache), "cache_fingerprint": reader.fingerprint,
+                "model": model, **report}
 
 
 def format_number(value) -> str:
@@ -106,9 +127,33 @@ def format_number(value) -> str:
 
 
 def format_report(report: dict) -> str:
-    """The report as a few aligned lines for the terminal (and where its ROC curve went)."""
+    """The report as a few aligned lines for the terminal: metrics, calibration, and where its figures went."""
     lines = format_severity_report(report) if report.get("task") == "severity" else format_binary_report(report)
-    return lines + (f"\nROC curve: {report['roc_curve']}" if report.get("roc_curve") else "")
+    if report.get("calibration"):
+        lines += "\n" + format_calibration(report["calibration"])
+    for key, label in (("roc_curve", "ROC curve"), ("reliability_diagram", "reliability diagram")):
+        if report.get(key):
+            lines += f"\n{label}: {report[key]}"
+    return lines
+
+
+def format_calibration(calibration: dict) -> str:
+    """ECE, Brier and NLL before and after calibration, with the temperature and the ECE's bins."""
+    temperature = calibration.get("temperature")
+    if temperature is None:
+        told = "no calibration (a run made before it): the raw probabilities"
+    elif isinstance(temperature, list):
+        told = "temperatures " + ", ".join(f"{value:.3f}" for value in temperature)
+    else:
+        told = f"temperature {temperature:.3f}"
+    lines = [f"calibration ({told}; ECE over {calibration['ece_bins']} equal-count bins of the predicted class's "
+             "confidence)",
+             f"{'':12}{'ECE':>8}{'Brier':>8}{'NLL':>8}"]
+    for label, key in (("before", "before"), ("after", "after")):
+        values = calibration.get(key)
+        if values is not None:
+            lines.append(f"  {label:<10}" + "".join(f"{format_number(values[name]):>8}" for name in ("ece", "brier", "nll")))
+    return "\n".join(lines)
 
 
 def format_binary_report(report: dict) -> str:

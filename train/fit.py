@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import tempfile
-import time
 from dataclasses import dataclass, replace
-from importlib import metadata
 from pathlib import Path
 
 from common.errors import UserError
@@ -24,12 +21,13 @@ from train.loop.distribute import ClusterRole, read_cluster_role
 from train.loop.native_logs import load_tensorflow
 from train.network.architecture import check_input_shape
 from train.options import FitOptions, changed_options, check_fit_options, resolve_recipe
+from train.rundir.config import make_config
 from train.rundir.folders import check_new_run_dir, locked_run_dir, prepare_output_dir
 from train.rundir.layout import (
-    CONFIG, CURVES, HISTORY, METRICS, ROC_CURVE, STATE, TrainingState, kept_model_name, read_history, read_state,
+    CONFIG, CURVES, HISTORY, METRICS, RELIABILITY, ROC_CURVE, STATE, TrainingState, kept_model_name, read_history, read_state,
     remove_other_models, remove_stale_temporaries, write_history,
 )
-from train.network.tasks import HEADLINE_METRICS, METRIC_LABELS, compute_class_weights, make_task, task_from_config
+from train.network.tasks import HEADLINE_METRICS, METRIC_LABELS, task_from_config
 from train.pipeline.folds import rows_and_classes
 
 log = logging.getLogger(__name__)
@@ -211,45 +209,20 @@ def check_resumable(run_dir: Path, options: FitOptions, reader: CacheReader) -> 
     return config
 
 
-def make_config(options: FitOptions, reader: CacheReader) -> dict:
-    """config.json: options, the cache's preprocessing, attributes and fingerprint, task, sizes, versions."""
-    task = make_task(options.task, reader)
-    (train_rows, train_classes), (val_rows, _) = rows_and_classes(reader, options, task)
-    class_weights = compute_class_weights(task, train_classes)  # refuses a class without training scans
-    splits = {name: int(len(reader.split(name))) for name in ("train", "val", "test")}
-    if options.fold is not None:
-        splits.update(train=int(len(train_rows)), val=int(len(val_rows)), test=0)
-    return {
-        "options": options.to_json(),
-        "preprocessing": reader.preprocessing.to_json(),
-        "cache": {"path": str(options.cache), "fingerprint": reader.fingerprint, "attributes": reader.attributes},
-        "input_shape": list(reader.shape),
-        "class_names": list(task.class_names),
-        "split_sizes": splits,
-        "class_weights": {task.class_names[index]: weight for index, weight in class_weights.items()},
-        "versions": {name: _version(name) for name in ("mosmed3d", "tensorflow", "keras", "h5py", "numpy")}
-        | {"python": platform.python_version()},
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def finish_run(run_dir: Path, reader: CacheReader, state: TrainingState, options: FitOptions) -> FitReport:
-    """Plot the curves and, once per run model, evaluate the model `--keep` chose on the test split.
+    """Plot the curves; then, once per run model, fit its calibration and the reference of its training scans
+    (`train.trust`) and evaluate the model `--keep` chose on the test split, with calibrated probabilities.
 
     A cross-validation fold is evaluated on its own validation fold instead: `train cv` keeps
     the test split for its final report.
     """
     load_tensorflow()
-    from train.evaluate import evaluate_model, evaluate_rows
+    from train.evaluate import evaluate_rows
     from train.rundir.models import load_trained_model
     from train.rundir.plots import save_training_curves
+    from train.trust.calibration import read_calibration
+    from train.trust.ood import read_reference
+    from train.trust.served import ServedModel, fit_calibration_and_reference
 
     history = read_history(run_dir / HISTORY)
     if history:
@@ -259,17 +232,24 @@ def finish_run(run_dir: Path, reader: CacheReader, state: TrainingState, options
     if metrics_path.exists():
         # the test split is looked at once per model: a resumed run that ended with the same model
         # keeps its result (a longer --epochs, or another --keep, that chose another one is re-tested)
+        # (a run made before calibration gets its calibration, reference and calibrated report now)
         recorded = read_json(metrics_path)
-        if recorded.get("model") == model_name:
+        calibration, reference = read_calibration(run_dir), read_reference(run_dir)
+        if recorded.get("model") == model_name and "calibration" in recorded and calibration is not None \
+                and calibration.model == model_name and reference is not None and reference.model == model_name:
             return FitReport(run_dir, state, recorded)
     model = load_trained_model(run_dir / model_name)
-    task = task_from_config(read_json(run_dir / CONFIG))
+    config = read_json(run_dir / CONFIG)
+    task = task_from_config(config)
+    train, val = rows_and_classes(reader, options, task)
+    calibration, reference = fit_calibration_and_reference(run_dir, model, model_name, reader, task, train, val)
+    served = ServedModel(run_dir, config, task, model, calibration, reference)
     if options.fold is None:
-        report = evaluate_model(model, reader, "test", task, run_dir / ROC_CURVE.format(split="test"))
+        report = evaluate_rows(served, reader, reader.split("test"), task, "test",
+                               run_dir / ROC_CURVE.format(split="test"), run_dir / RELIABILITY.format(split="test"))
     else:
-        _, (val_rows, _) = rows_and_classes(reader, options, task)
-        report = evaluate_rows(model, reader, val_rows, task, f"val (fold {options.fold} of {options.folds})",
-                               run_dir / ROC_CURVE.format(split="val"))
+        report = evaluate_rows(served, reader, val[0], task, f"val (fold {options.fold} of {options.folds})",
+                               run_dir / ROC_CURVE.format(split="val"), run_dir / RELIABILITY.format(split="val"))
     model_epoch = state.completed_epochs if options.keep == "last" else state.best_epoch
     model_val_auc = next((row.get("val_auc") for row in history if row["epoch"] == model_epoch), None)
     metrics = {"model": model_name, "keep": options.keep, "model_epoch": model_epoch, "model_val_auc": model_val_auc,
@@ -291,6 +271,10 @@ def format_report(report: FitReport) -> str:
     test = report.test_metrics
     names = HEADLINE_METRICS["severity" if test.get("task") == "severity" else "binary"]["summary"]
     result = "test " + ", ".join(f"{METRIC_LABELS.get(name, name)} {number(test.get(name))}" for name in names)
+    calibration = test.get("calibration") or {}
+    if calibration.get("after"):
+        result += (f", ECE {calibration['before']['ece']:.3f} -> {calibration['after']['ece']:.3f} calibrated "
+                   f"(temperature {calibration['temperature']:.2f})")
     state = report.state
     best = f"best val AUC {state.best_val_auc:.4f} at epoch {state.best_epoch}"
     if test.get("keep") == "last":

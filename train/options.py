@@ -36,7 +36,7 @@ MAX_BENCH_SAMPLES = 1_000_000
 
 # A recipe names a value for every training choice a flag leaves unset (None). `tutorial` is the
 # Keras tutorial's training exactly; `precise` is what benchmarks/bench_recipe.py measured best
-# (README, "Training recipe"): BatchNorm statistics re-estimated before every validation, so
+# (docs/training.md, "Training recipe"): BatchNorm statistics re-estimated before every validation, so
 # validation and checkpoints see population statistics rather than a lagging average of
 # batch-of-2 statistics, a warm-up then cosine decay that actually acts within the run, and
 # bfloat16 where the hardware runs it natively, and the model at the end of that schedule rather than

@@ -7,10 +7,11 @@ import h5py
 import numpy as np
 
 from preprocess.cache.schema import (
-    FORMAT_NAME, REQUIRED_ATTRIBUTES, ROW_TABLES, SCHEMA_VERSION, SPLIT_NAMES, CacheError, Failure, ScanRecord,
-    SplitOptions,
+    FORMAT_NAME, READABLE_SCHEMA_VERSIONS, REQUIRED_ATTRIBUTES, ROW_TABLES, SCHEMA_VERSION, SPLIT_NAMES, STATS_GROUP,
+    STATS_TABLES, CacheError, Failure, ScanRecord, SplitOptions,
 )
 from preprocess.preprocessing import Preprocessing, plain_value
+from preprocess.scan_stats import ScanStats
 
 
 class CacheReader:
@@ -48,7 +49,7 @@ class CacheReader:
         if attrs.get("format") != FORMAT_NAME:
             raise CacheError(f"{self.path}: not a {FORMAT_NAME} file (HDF5, but not this project's cache)")
         version = int(attrs.get("schema_version", -1))
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS:
             raise CacheError(
                 f"{self.path}: cache schema version {version}, this tool reads version {SCHEMA_VERSION}; "
                 "rebuild it with `python -m preprocess build --force`"
@@ -57,6 +58,8 @@ class CacheReader:
         if missing_attrs:
             raise CacheError(f"{self.path}: damaged cache, missing attributes {', '.join(missing_attrs)}")
         required = ["volumes", *ROW_TABLES, *(f"splits/{name}" for name in SPLIT_NAMES)]
+        if version >= 2:
+            required += [f"{STATS_GROUP}/{name}" for name in STATS_TABLES]
         missing = [name for name in required if name not in self.file]
         if missing:
             raise CacheError(f"{self.path}: damaged cache, missing {', '.join(missing)}")
@@ -66,7 +69,7 @@ class CacheReader:
         if volumes.dtype != np.float32 or volumes.shape[1:] != shape:
             raise CacheError(f"{self.path}: damaged cache, /volumes is {volumes.dtype} {volumes.shape}, "
                              f"expected float32 (N, {', '.join(map(str, shape))})")
-        for name in ROW_TABLES:
+        for name in [*ROW_TABLES, *(f"{STATS_GROUP}/{name}" for name in STATS_TABLES if version >= 2)]:
             if self.file[name].shape[0] != rows:
                 raise CacheError(f"{self.path}: damaged cache, /{name} has {self.file[name].shape[0]} rows, "
                                  f"/volumes has {rows}")
@@ -95,6 +98,32 @@ class CacheReader:
             resample_method=str(attrs["resample_method"]),
             orientation=str(attrs["orientation"]),
         )
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.file.attrs["schema_version"])
+
+    @property
+    def has_scan_stats(self) -> bool:
+        """Whether the rows carry their raw-HU statistics (schema version 2 on; see `preprocess.scan_stats`)."""
+        return self.schema_version >= 2
+
+    def scan_stats(self) -> list[ScanStats] | None:
+        """Every row's statistics in row order; None for a version-1 cache, which has none."""
+        if not self.has_scan_stats:
+            return None
+        group = self.file[STATS_GROUP]
+        columns = {name: group[name][:] for name in STATS_TABLES}
+        return [
+            ScanStats(
+                hu_histogram=tuple(float(value) for value in columns["hu_histogram"][row]),
+                spacing_mm=tuple(float(value) for value in columns["spacing_mm"][row]),
+                fov_mm=tuple(float(value) for value in columns["fov_mm"][row]),
+                slices=int(columns["slices"][row]),
+                **{name: float(columns[name][row]) for name in ("lung_fraction", "air_fraction", "hu_min", "hu_max")},
+            )
+            for row in range(len(self))
+        ]
 
     @property
     def split_options(self) -> SplitOptions:
@@ -143,6 +172,7 @@ class CacheReader:
             file["source_sizes"][:].tolist(), file["source_mtimes_ns"][:].tolist(),
             [tuple(row) for row in file["source_shapes"][:].tolist()],
             [tuple(row) for row in file["source_spacing_mm"][:].tolist()],
+            self.scan_stats() or [None] * len(self),
         ]
         return [ScanRecord(*row) for row in zip(*columns)]
 

@@ -1,6 +1,6 @@
 """The cache's schema: dataset names, attributes, version, the row records, and the fingerprint.
 
-See `preprocess.cache` for the layout. The writer (`preprocess.cache.writer`) and the reader
+The layout is documented in docs/cache-format.md. The writer (`preprocess.cache.writer`) and the reader
 (`preprocess.cache.reader`) both follow this module; nothing else spells an HDF5 path.
 """
 from __future__ import annotations
@@ -18,9 +18,23 @@ from common.errors import UserError
 from common.files import TEMP_MARKER
 from common.processes import process_alive
 from preprocess.preprocessing import Preprocessing, plain_value
+from preprocess.scan_stats import HISTOGRAM_BINS, ScanStats
 
 FORMAT_NAME = "mosmed3d-cache"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: /scan_stats (raw-HU statistics per row, for predict's distribution check)
+READABLE_SCHEMA_VERSIONS = (1, 2)  # a version-1 cache trains and evaluates; it has no scan statistics
+STATS_GROUP = "scan_stats"
+# /scan_stats/<name>: dtype and per-row shape; ScanStats's fields
+STATS_TABLES = {
+    "hu_histogram": (np.float32, (HISTOGRAM_BINS,)),
+    "spacing_mm": (np.float64, (3,)),
+    "fov_mm": (np.float64, (3,)),
+    "slices": (np.int32, ()),
+    "lung_fraction": (np.float64, ()),
+    "air_fraction": (np.float64, ()),
+    "hu_min": (np.float64, ()),
+    "hu_max": (np.float64, ()),
+}
 SPLIT_NAMES = ("train", "val", "test")
 ROW_TABLES = ("labels", "scan_ids", "class_names", "source_paths", "source_sha256", "source_sizes",
               "source_mtimes_ns", "source_shapes", "source_spacing_mm")
@@ -53,6 +67,7 @@ class ScanRecord:
     source_mtime_ns: int
     source_shape: tuple[int, int, int]
     source_spacing_mm: tuple[float, float, float]
+    stats: ScanStats | None = None  # None only in a version-1 cache
 
 
 @dataclass(frozen=True)

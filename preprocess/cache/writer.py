@@ -13,7 +13,7 @@ import numpy as np
 
 from common.files import move_into_place
 from preprocess.cache.schema import (
-    FORMAT_NAME, SCHEMA_VERSION, SPLIT_NAMES, STRING, CacheError, Failure, ScanRecord, SplitOptions,
+    FORMAT_NAME, SCHEMA_VERSION, SPLIT_NAMES, STATS_GROUP, STATS_TABLES, STRING, CacheError, Failure, ScanRecord, SplitOptions,
     compute_fingerprint, estimated_cache_bytes, jsonable, temp_path_for,
 )
 from preprocess.preprocessing import Preprocessing
@@ -126,6 +126,12 @@ class CacheWriter:
         file.create_dataset(
             "source_spacing_mm", data=np.array(column("source_spacing_mm"), dtype=np.float64).reshape(-1, 3)
         )
+        if any(record.stats is None for record in records):
+            raise ValueError("every row of a new cache needs its scan statistics")
+        stats = file.create_group(STATS_GROUP)
+        for name, (dtype, row_shape) in STATS_TABLES.items():
+            values = np.array([getattr(record.stats, name) for record in records], dtype=dtype)
+            stats.create_dataset(name, data=values.reshape(len(records), *row_shape))
         group = file.create_group("splits")
         for name in SPLIT_NAMES:
             group.create_dataset(name, data=np.sort(np.asarray(splits[name], dtype=np.int64)))

@@ -7,7 +7,7 @@
     auto         mirrored when more than one GPU is visible, else default
 
 `--batch-size` is per replica; the global batch is that times the number of replicas in sync
-(see README, "Scaling out", for how the learning rate relates to it).
+(see docs/scaling.md for how the learning rate relates to it).
 
 The role of this process (`ClusterRole`) is read from TF_CONFIG without importing TensorFlow,
 so a bad TF_CONFIG is refused in a second, and only the chief (task "chief", or "worker" 0
@@ -53,7 +53,7 @@ def read_cluster_role(strategy: str, environment: dict | None = None) -> Cluster
     text = environment.get("TF_CONFIG", "")
     if not text.strip():
         raise UserError("--strategy multiworker needs TF_CONFIG: the cluster's workers and this process's task "
-                        "(see README, 'Scaling out')")
+                        "(see docs/scaling.md)")
     try:
         config = json.loads(text)
     except json.JSONDecodeError as error:

@@ -15,6 +15,10 @@ Layout:
                        names of the two model files above (named by epoch, so a file that
                        state.json names is never overwritten in place)
     training_curves.png, metrics.json (test split, the run's model), tensorboard/
+    roc_test.png, reliability_test.png  the test split's ROC curve and reliability diagram
+    calibration.json   the temperature of the run's model, fitted on the validation split (`train.trust.calibration`)
+    reference.json      what the training scans looked like, and the thresholds set on the validation split, for
+                       predict's "is this scan like the training data?" (`train.trust.ood`)
     .lock              held by the `fit` that is writing the run (`train.rundir.folders`)
 The run's model, the one `evaluate`, `predict`, `cv` and Grad-CAM use, is one of the two model
 files: config.json's `keep` says which (`model_path`).
@@ -41,6 +45,7 @@ HISTORY = "history.csv"
 STATE = "state.json"
 CURVES = "training_curves.png"
 ROC_CURVE = "roc_{split}.png"  # fit: the test split (a cv fold: its validation fold); evaluate adds the cache's name
+RELIABILITY = "reliability_{split}.png"  # the reliability diagram beside each ROC curve
 METRICS = "metrics.json"
 TENSORBOARD = "tensorboard"
 LOCK = ".lock"

@@ -1,4 +1,4 @@
-"""Pictures of a run: training curves like the tutorial's figure, and ROC curves of a tested model."""
+"""Pictures of a run: training curves like the tutorial's figure, and the ROC curve and reliability diagram of a tested model."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,6 +25,17 @@ def _save(figure, path: Path) -> Path:
     replace_atomically(Path(path), lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
     plt.close(figure)
     return Path(path)
+
+
+def _decorate(axis, title: str, xlabel: str, ylabel: str, low: float = -0.02) -> None:
+    """Limits, labels, legend and grid of a probability plot (ROC curve, reliability diagram)."""
+    axis.set_xlim(low, 1.02)
+    axis.set_ylim(-0.02, 1.02)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.legend(loc="lower right", fontsize=8)
+    axis.grid(alpha=0.3)
 
 
 def save_training_curves(history: list[dict], path: Path) -> Path:
@@ -73,12 +84,32 @@ def save_roc_curve(classes: np.ndarray, probabilities: np.ndarray, class_names: 
         axis.plot([false_positive_rate], [sensitivity], "o", color="black", markersize=8,
                   label=f"threshold {threshold:g}: sensitivity {sensitivity:.2f}, specificity "
                   f"{1 - false_positive_rate:.2f}")
-    axis.set_xlim(-0.02, 1.02)
-    axis.set_ylim(-0.02, 1.02)
-    axis.set_xlabel("false-positive rate (1 - specificity)")
-    axis.set_ylabel("true-positive rate (sensitivity)")
-    axis.set_title(title)
-    axis.legend(loc="lower right", fontsize=8)
-    axis.grid(alpha=0.3)
+    _decorate(axis, title, "false-positive rate (1 - specificity)", "true-positive rate (sensitivity)")
     axis.set_aspect("equal")
+    return _save(figure, path)
+
+
+def save_reliability_diagram(calibration: dict, title: str, path: Path) -> Path:
+    """Write a PNG of the reliability diagram: per equal-count bin, how often the predicted class was right
+    against how confident the model said it was (calibrated when the run has a calibration), with the ECE
+    before and after calibration. `calibration` is `train.trust.calibration.calibration_report`'s dict."""
+    plt = _pyplot()
+    bins = calibration["reliability"]
+    figure, axis = plt.subplots(figsize=(5, 5))
+    confidence = [row["confidence"] for row in bins]
+    lowest = min([0.5, *confidence])  # a binary prediction is at least 50% sure; a severity one may be less
+    axis.plot([lowest, 1], [lowest, 1], linestyle=":", color="grey", label="perfect calibration")
+    accuracy = [row["accuracy"] for row in bins]
+    calibrated = calibration.get("after") is not None
+    label = "calibrated" if calibrated else "raw (no calibration)"
+    axis.plot(confidence, accuracy, marker="o", label=f"{label}, {len(bins)} equal-count bins")
+    for row in bins:
+        axis.annotate(str(row["scans"]), (row["confidence"], row["accuracy"]), textcoords="offset points",
+                      xytext=(4, -10), fontsize=7)
+    before = calibration["before"]["ece"]
+    after = calibration["after"]["ece"] if calibrated else None
+    text = f"ECE before {before:.3f}" + (f", after {after:.3f}" if after is not None else "")
+    axis.text(lowest + 0.02, 0.97, text, fontsize=9, va="top")
+    _decorate(axis, title, "confidence of the predicted class", "fraction right (numbers: scans per bin)",
+              low=lowest - 0.02)
     return _save(figure, path)

@@ -1,0 +1,194 @@
+"""The models `predict` and `evaluate` serve: one run's, or a cross-validation's folds, each with its
+calibration and reference; and the step of `fit` that makes those two files.
+
+A `ServedModel` gives, for volumes, the network's penultimate features and its logits (the
+output layer's kernel applied in float64 to those features, so a probability that rounds to 1
+in float32 still has a finite logit), and from them calibrated probabilities
+(`train.trust.calibration`) and a verdict on each scan (`train.trust.ood`).
+
+A cross-validation directory (`train cv`'s RUN_DIR) serves its K fold models as an ensemble: the
+mean of their calibrated probabilities, with the spread (sd, min-max) across folds.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import UserError
+from train.network.tasks import Task, task_from_config
+from train.rundir.layout import model_path, open_run
+from train.trust.calibration import Calibration, fit_temperature, negative_log_likelihood, probabilities_from_logits
+from train.trust.calibration import read_calibration, write_calibration
+from train.trust.ood import Reference, build_reference, read_reference, write_reference
+
+log = logging.getLogger(__name__)
+
+CV_SUMMARY = "cv_summary.json"  # train.cv's; named here too so this module does not import train.cv
+_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its (features, output) model
+
+
+@dataclass
+class ServedModel:
+    run_dir: Path
+    config: dict
+    task: Task
+    model: object  # keras.Model
+    calibration: Calibration | None
+    reference: Reference | None
+
+    @property
+    def temperature(self) -> float:
+        return self.calibration.temperature if self.calibration is not None else 1.0
+
+    def outputs(self, volumes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(penultimate features (N, F), logits (N, units)) of a batch of volumes (N, H, W, D)."""
+        return feature_outputs(self.model, np.asarray(volumes)[..., None])
+
+    def outputs_for_rows(self, reader, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return outputs_for_rows(self.model, reader, rows)
+
+    def probabilities(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        return probabilities_from_logits(logits, self.temperature if calibrated else 1.0)
+
+
+# -- features and logits ---------------------------------------------------------------------------
+def _head(model):
+    """A model from volumes to (penultimate features, output), built once per model."""
+    import keras
+
+    head = _HEADS.get(model)
+    if head is None:
+        head = _HEADS[model] = keras.Model(model.input, [model.layers[-1].input, model.output])
+    return head
+
+
+def logits_of(model, features: np.ndarray) -> np.ndarray:
+    kernel, bias = (np.asarray(weight, dtype=np.float64) for weight in model.layers[-1].get_weights())
+    return np.asarray(features, dtype=np.float64) @ kernel + bias
+
+
+def feature_outputs(model, volumes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    features, _ = _head(model)(volumes, training=False)
+    features = np.asarray(features, dtype=np.float64)
+    return features, logits_of(model, features)
+
+
+def outputs_for_rows(model, reader, rows: np.ndarray, batch_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(features, logits) of cache rows, in row order, streamed without augmentation."""
+    from train.pipeline.data import make_evaluation_dataset, reporting_read_failures
+
+    units = int(model.output_shape[-1])
+    features_size = int(model.layers[-1].input.shape[-1])
+    if len(rows) == 0:
+        return np.zeros((0, features_size)), np.zeros((0, units))
+    dataset = make_evaluation_dataset(reader, rows, reader.labels[rows], batch_size).map(lambda volume, label: volume)
+    with reporting_read_failures():
+        features, _ = _head(model).predict(dataset, verbose=0)
+    features = np.asarray(features, dtype=np.float64).reshape(len(rows), features_size)
+    return features, logits_of(model, features)
+
+
+# -- made by fit ------------------------------------------------------------------------------------
+def fit_calibration_and_reference(run_dir: Path, model, model_name: str, reader, task: Task,
+                                  train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray]
+                                  ) -> tuple[Calibration, Reference]:
+    """calibration.json (the temperature, fitted on the validation rows) and reference.json (from the training
+    rows, thresholds on the validation rows) for the run's model `model_name`; `train`, `val`: (rows, classes)."""
+    (train_rows, train_classes), (val_rows, val_classes) = train, val
+    train_features, _ = outputs_for_rows(model, reader, train_rows)
+    val_features, val_logits = outputs_for_rows(model, reader, val_rows)
+    temperature, at_bound = fit_temperature(val_logits, val_classes)
+    calibration = Calibration(
+        temperature=temperature, model=model_name, fitted_on=f"validation rows ({len(val_rows)} scans)",
+        scans=int(len(val_rows)), nll_before=negative_log_likelihood(val_logits, val_classes),
+        nll_after=negative_log_likelihood(val_logits, val_classes, temperature), at_bound=at_bound)
+    if at_bound and temperature < 1:
+        log.warning("the temperature hit its lower bound (%.3g): the validation scans are separated perfectly, so "
+                    "the calibrated probabilities are as sure as the bound allows", temperature)
+    elif at_bound:
+        log.warning("the temperature hit its upper bound (%.3g): the model's outputs say almost nothing about the "
+                    "validation scans' classes, so its calibrated probabilities stay near the base rate", temperature)
+    stats = reader.scan_stats()
+    if stats is None:
+        log.warning("%s is a version-%d cache without scan statistics: predict's histogram and geometry checks are "
+                    "unavailable for this run (rebuild the cache with `preprocess build --force` for them)",
+                    reader.path, reader.schema_version)
+    reference = build_reference(
+        model_name, train_features, train_classes, val_features,
+        None if stats is None else [stats[row] for row in train_rows],
+        None if stats is None else [stats[row] for row in val_rows])
+    write_calibration(run_dir, calibration)
+    write_reference(run_dir, reference)
+    log.info("calibration: temperature %.3f (validation NLL %.4f -> %.4f); reference of %d training scans, "
+             "validation scans flagged: %s", temperature, calibration.nll_before, calibration.nll_after,
+             len(train_rows), ", ".join(f"{name} {100 * rate:.1f}%" for name, rate in reference.val_flag_rate.items()))
+    return calibration, reference
+
+
+# -- opened by predict and evaluate -------------------------------------------------------------------
+def is_cv_dir(path: Path) -> bool:
+    return (Path(path) / CV_SUMMARY).is_file() or (Path(path) / "fold-1").is_dir()
+
+
+def member_dirs(path: Path) -> list[Path]:
+    """The run directories to serve: `path` itself, or a cross-validation's fold-1 ... fold-K."""
+    path = Path(path)
+    if not is_cv_dir(path):
+        return [path]
+    folds = sorted((candidate for candidate in path.glob("fold-*") if candidate.name[5:].isdigit()),
+                   key=lambda candidate: int(candidate.name[5:]))
+    if not (path / CV_SUMMARY).is_file():
+        raise UserError(f"{path}: the cross-validation has not finished (no {CV_SUMMARY}); finish it with "
+                        "`train cv --resume`, or give one fold's directory")
+    if [int(fold.name[5:]) for fold in folds] != list(range(1, len(folds) + 1)) or len(folds) < 2:
+        raise UserError(f"{path}: expected folders fold-1 ... fold-K (K >= 2); the directory was changed by hand")
+    return folds
+
+
+def check_members(configs: list[dict], dirs: list[Path]) -> None:
+    """The folds of one ensemble must agree on what they read and what they output."""
+    first = configs[0]
+    for config, directory in zip(configs[1:], dirs[1:]):
+        for key in ("preprocessing", "class_names", "input_shape"):
+            if config.get(key) != first.get(key):
+                raise UserError(f"{directory}: its {key} differs from {dirs[0]}'s; not folds of one cross-validation")
+
+
+def open_configs(path: Path) -> tuple[list[Path], list[dict]]:
+    """The member run directories of `path` and their configs, checked before any model loads."""
+    dirs = member_dirs(path)
+    configs = [open_run(directory) for directory in dirs]
+    check_members(configs, dirs)
+    return dirs, configs
+
+
+def load_served(dirs: list[Path], configs: list[dict]) -> list[ServedModel]:
+    """Load each member's model, calibration and reference (TensorFlow must be loaded)."""
+    from train.rundir.models import load_run_model
+
+    served = []
+    for directory, config in zip(dirs, configs):
+        model = load_run_model(directory)
+        name = model_path(directory).name
+        calibration, reference = read_calibration(directory), read_reference(directory)
+        if calibration is not None and calibration.model != name:
+            calibration = None  # fitted for a model the run no longer serves
+        if reference is not None and reference.model != name:
+            reference = None
+        served.append(ServedModel(directory, config, task_from_config(config), model, calibration, reference))
+    without_calibration = [str(member.run_dir) for member in served if member.calibration is None]
+    if without_calibration:
+        log.warning("%s: no calibration (made before calibration, or by hand): its probabilities are the raw "
+                    "network outputs", ", ".join(without_calibration))
+    without_reference = [str(member.run_dir) for member in served if member.reference is None]
+    if without_reference:
+        log.warning("%s: no reference of the training scans (made before these checks): whether a scan is like the "
+                    "training data cannot be checked", ", ".join(without_reference))
+    elif any(not member.reference.has_stats for member in served):
+        log.warning("%s: trained on a version-1 cache (no scan statistics): only the features check is available, "
+                    "not the histogram and geometry checks", served[0].run_dir)
+    return served
