@@ -26,8 +26,8 @@ from pathlib import Path
 
 from distributed import Client
 
-from preprocess.build import BuildOptions, build_cache
-from preprocess.synth import write_synthetic_archive
+from preprocess.engine.build import BuildOptions, build_cache
+from preprocess.phantoms.synth import write_synthetic_archive
 
 MALLOC_LEFT_ALONE = {"MALLOC_TRIM_THRESHOLD_": str(128 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(64 * 2**20)}
 

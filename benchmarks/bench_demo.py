@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench_demo_head import predict, score  # noqa: E402
-from bench_recipe import print_machine, python  # noqa: E402
+from sets import print_machine, python  # noqa: E402
 
 DEMO_RAW = ROOT / "data" / "synthetic"
 DEMO_UNSEEN = ROOT / "data" / "synthetic-unseen"

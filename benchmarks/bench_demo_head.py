@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench_recipe import python  # noqa: E402  (a `python -m` subprocess with the repository on its path)
+from sets import python  # noqa: E402  (a `python -m` subprocess with the repository on its path)
 
 CACHE = ROOT / "data" / "demo.h5"
 DEMO_UNSEEN = ROOT / "data" / "synthetic-unseen"

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess.build import BuildOptions, build_cache
-from preprocess.sources import find_sources
-from preprocess.synth import make_phantom, write_phantom
-from preprocess.volume import preprocess_scan
+from preprocess.engine.build import BuildOptions, build_cache
+from preprocess.finding.sources import find_sources
+from preprocess.phantoms.synth import make_phantom, write_phantom
+from preprocess.reading.transform import preprocess_scan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from dicom_series import write_series  # noqa: E402  the tests' pydicom series writer, one copy

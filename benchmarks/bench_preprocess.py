@@ -23,9 +23,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from preprocess.build import BuildOptions, build_cache
-from preprocess.synth import write_synthetic_archive
-from preprocess.volume import read_scan_bytes
+from preprocess.engine.build import BuildOptions, build_cache
+from preprocess.phantoms.synth import write_synthetic_archive
+from preprocess.reading.nifti import read_scan_bytes
 
 
 def tutorial_process_scan(path: Path) -> np.ndarray:
@@ -75,7 +75,7 @@ def peak_rss_of_build(raw: Path, out: Path) -> float:
     """
     code = (
         "from pathlib import Path; "
-        "from preprocess.build import BuildOptions, build_cache; "
+        "from preprocess.engine.build import BuildOptions, build_cache; "
         f"build_cache(BuildOptions(raw=Path({str(raw)!r}), out=Path({str(out)!r}), jobs=2, force=True, quiet=True)); "
         "from common.processes import peak_rss_bytes; print(peak_rss_bytes() / 2**20)"
     )

@@ -32,24 +32,14 @@ import argparse
 import csv
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train's own option parsing, to check kept runs against their arms
-SHAPE = (64, 64, 32)
-SETS = {  # name: (synth flags, phantoms, epochs)
-    "standard": (["--seed", "101"], 360, 20),
-    "standard-120": (["--seed", "101"], 120, 30),  # the first benchmark's size: 84 training phantoms
-    "subtle": (["--grades", "1", "--seed", "102"], 360, 30),
-    "subtle-120": (["--grades", "1", "--seed", "102"], 120, 30),  # the first benchmark's size
-}
-SETS["standard-30"] = (*SETS["standard"][:2], 30)  # the standard set trained as long as the issue's target
-SHARED_CACHES = {"standard-30": "standard"}  # a set trained longer on another's phantoms and cache
+from sets import SETS, SHAPE, SHARED_CACHES, kept_runs, make_cache, print_machine, python  # noqa: E402,F401
 ARMS = {  # name: fit flags
     "tutorial": ["--recipe", "tutorial"],
     # each change of the default recipe on its own, on top of the tutorial's
@@ -74,38 +64,6 @@ ARMS = {  # name: fit flags
 DEGENERATE_WINDOW = 20
 TARGET_AUC = 0.95
 LAST_EPOCHS = 5
-
-
-def python(*arguments: str, log: Path | None = None) -> None:
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    with open(log or os.devnull, "w") as output:
-        subprocess.run([sys.executable, "-m", *arguments], cwd=ROOT, env=environment, check=True,
-                       stdout=output, stderr=subprocess.STDOUT)
-
-
-def print_machine() -> None:
-    """The CPU, its kind and TensorFlow's kernels, as the `fit` processes below get them (same environment)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from train.hardware import describe_machine
-
-    print(describe_machine(), flush=True)
-
-
-def make_cache(out: Path, name: str) -> Path:
-    name = SHARED_CACHES.get(name, name)
-    flags, scans, _ = SETS[name]
-    cache = out / f"{name}.h5"
-    if not cache.is_file():
-        raw = out / f"{name}-raw"
-        python("preprocess", "synth", "--out", str(raw), "--normal", str(scans // 2), "--abnormal",
-               str(scans - scans // 2), "--size", "128", "--quiet", *flags)
-        python("preprocess", "build", "--raw", str(raw), "--out", str(cache), "--shape", *map(str, SHAPE), "--quiet")
-    from preprocess.cache import CacheReader  # the one reader of the cache's layout
-
-    with CacheReader(cache) as kept:
-        if len(kept) != scans:
-            sys.exit(f"{cache}: holds {len(kept)} phantoms, the {name} set has {scans}; move it aside")
-    return cache
 
 
 def recipe_choices(flags: list[str]) -> dict:
@@ -147,13 +105,6 @@ def train(cache: Path, run_dir: Path, epochs: int, seed: int, flags: list[str]) 
     python("train", "fit", str(cache), "--run-dir", str(run_dir), *resume, "--epochs", str(epochs), "--patience",
            str(epochs), "--seed", str(seed), "--padding", "same", "--quiet", *flags,
            log=run_dir.parent / f"{run_dir.name}.log")  # not with_suffix: "momentum-0.9-seed0" has a dot
-
-
-def kept_runs(set_dir: Path, arm: str) -> list[Path]:
-    """The finished runs of one arm in a set's folder (every seed kept there), in seed order."""
-    seeds = {int(seed): path for path in set_dir.glob(f"{arm}-seed*")
-             if (seed := path.name.rsplit("-seed", 1)[1]).isdigit() and (path / "metrics.json").is_file()}
-    return [seeds[seed] for seed in sorted(seeds)]
 
 
 def score_run(run_dir: Path) -> dict:

@@ -46,9 +46,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before describe_machine imports TensorFlow
+from sets import SETS as RECIPE_SETS, print_machine  # noqa: E402
 SHAPE = (64, 64, 16)
 EPOCHS = 12
-SETS = {"standard": ["--seed", "101"], "subtle": ["--grades", "1", "--seed", "102"]}
+SETS = {name: RECIPE_SETS[name][0] for name in ("standard", "subtle")}  # synth flags: bench_recipe's phantoms
 UNSEEN_SEED_OFFSET = 1000  # the unseen phantoms: synth seed = the set's seed + this
 PHANTOMS = 360
 UNSEEN = 40
@@ -175,8 +176,8 @@ def time_checks(run_dir: Path, scans: list[Path], repeats: int = 3) -> dict[str,
     the hard checks, the model's forward pass, the distribution checks."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import train  # noqa: F401  oneDNN where it helps, as the CLI gets it
-    from preprocess.scan_stats import hard_problems
-    from preprocess.volume import preprocess_scan
+    from preprocess.reading.scan_stats import hard_problems
+    from preprocess.reading.transform import preprocess_scan
     from train.loop.native_logs import load_tensorflow
 
     load_tensorflow()
@@ -210,9 +211,7 @@ def main() -> None:
     arguments = parser.parse_args()
     out = arguments.out
     out.mkdir(parents=True, exist_ok=True)
-    from train.hardware import describe_machine
-
-    print(describe_machine(), flush=True)
+    print_machine()
     print(f"demo configuration: {'x'.join(map(str, SHAPE))}, {EPOCHS} epochs, avgmax pooling; {arguments.seeds} seeds; "
           f"{UNSEEN} unseen phantoms per set, {UNLIKE} of each kind of unlike scan (realct: 3)", flush=True)
     timed_run = None

@@ -39,9 +39,9 @@ def main() -> None:
 
     import numpy as np
 
-    from bench_recipe import SETS, SHARED_CACHES, kept_runs
+    from sets import SETS, SHARED_CACHES, kept_runs
     from preprocess.cache import CacheReader
-    from preprocess.synth import make_phantom
+    from preprocess.phantoms.synth import make_phantom
     from train.rundir.models import load_run_model
 
     flags = SETS[arguments.set][0]

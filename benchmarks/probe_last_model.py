@@ -28,7 +28,7 @@ def main() -> None:
 
     import numpy as np
 
-    from bench_recipe import SHARED_CACHES
+    from sets import SHARED_CACHES
     from preprocess.cache import CacheReader
     from train.network.scores import compute_roc_auc
     from train.rundir.models import load_trained_model

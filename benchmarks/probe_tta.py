@@ -40,7 +40,7 @@ def main() -> None:
     import numpy as np
     import tensorflow as tf
 
-    from bench_recipe import SHARED_CACHES, kept_runs
+    from sets import SHARED_CACHES, kept_runs
     from preprocess.cache import CacheReader
     from train.network.scores import compute_roc_auc
     from train.pipeline.augment import rotate_volume

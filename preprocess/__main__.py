@@ -8,7 +8,7 @@ from common.cli import (
     ArgumentParser, HelpFormatter, configure_logging, finite_float, fraction, non_negative_int, positive_float, positive_int,
     run_command,
 )
-from preprocess.options import BACKENDS, BuildOptions
+from preprocess.engine.options import BACKENDS, BuildOptions
 
 PROG = "python -m preprocess"
 DEFAULTS = BuildOptions()
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_build(arguments) -> None:
-    from preprocess.build import build_cache
+    from preprocess.engine.build import build_cache
 
     options = BuildOptions(
         raw=arguments.raw, out=arguments.out, jobs=arguments.jobs, shape=tuple(arguments.shape),
@@ -127,7 +127,7 @@ def run_build(arguments) -> None:
 
 
 def run_synth(arguments) -> None:
-    from preprocess.synth import write_synthetic_archive
+    from preprocess.phantoms.synth import write_synthetic_archive
 
     slice_range = tuple(arguments.slices) if arguments.slices else None
     grades = tuple(arguments.grades) if arguments.grades else None

@@ -16,7 +16,6 @@ import hashlib
 import http.client
 import json
 import logging
-import os
 import re
 import shutil
 import stat
@@ -30,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from common.errors import UserError
+from common.files import move_into_place, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +91,9 @@ def download_archive(out_dir: Path, name: str, url: str, expected_sha256: str | 
         part_path = downloads_dir / f"{name}.part"
         fetch_with_resume(url, part_path, progress)
         digest = verify_zip(part_path, name, expected_sha256, max_extracted_bytes)
-        os.replace(part_path, archive_path)
+        move_into_place(part_path, archive_path)
     extracted_files = safe_extract(archive_path, out_dir, max_extracted_bytes)
-    temporary_marker_path = marker_path.with_name(marker_path.name + ".tmp")
-    temporary_marker_path.write_text(json.dumps({"archive": name, "sha256": digest,
-                                                 "files": extracted_files}))
-    os.replace(temporary_marker_path, marker_path)
+    write_text_atomically(marker_path, json.dumps({"archive": name, "sha256": digest, "files": extracted_files}))
     archive_path.unlink()  # the extracted scans are the data; keeping the zip would double the disk use
     log.info("extracted %s (%d files) into %s", name, len(extracted_files), out_dir)
     return extracted_files
@@ -282,7 +279,7 @@ def safe_extract(archive_path: Path, out_dir: Path, max_extracted_bytes: int) ->
                 extracted_files[relative] = written_bytes
         for relative in extracted_files:
             (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temporary_dir / relative, out_dir / relative)
+            move_into_place(temporary_dir / relative, out_dir / relative)
     except UserError:
         archive_path.unlink(missing_ok=True)
         raise

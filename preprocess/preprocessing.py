@@ -1,6 +1,6 @@
 """`Preprocessing`: the options that decide a cache's volumes, as one object.
 
-Beside the per-scan transform (`preprocess.volume.preprocess_scan`), this is the one owner of
+Beside the per-scan transform (`preprocess.reading.transform.preprocess_scan`), this is the one owner of
 those options: what this version of the code makes of `--shape` and `--hu-window`
 (`of_this_code`), how they are written to JSON (a run's config.json; the cache's attributes and
 fingerprint), read back (`from_json`), and compared (`differences`). `build` compares the
@@ -37,7 +37,7 @@ class Preprocessing:
 
     def to_json(self) -> dict:
         """Plain JSON values (tuples become lists), as config.json and the cache's fingerprint store them."""
-        return {field.name: plain_value(getattr(self, field.name)) for field in fields(self)}
+        return jsonable(self)
 
     @classmethod
     def from_json(cls, document, run_dir: Path) -> Preprocessing:
@@ -66,7 +66,8 @@ class Preprocessing:
 
 def this_code_makes() -> dict[str, str]:
     """How this version of `preprocess_scan` resamples and orients: the options no flag sets."""
-    from preprocess.volume import CANONICAL_ORIENTATION, RESAMPLE_METHOD  # nibabel: not for cache readers
+    from preprocess.reading.canonical import CANONICAL_ORIENTATION
+    from preprocess.reading.transform import RESAMPLE_METHOD  # nibabel: not for cache readers
 
     return {"resample_method": RESAMPLE_METHOD, "orientation": "".join(CANONICAL_ORIENTATION)}
 
@@ -78,3 +79,8 @@ def plain_value(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def jsonable(options) -> dict:
+    """A dataclass's fields as plain JSON values (cache attributes, config.json)."""
+    return {field.name: plain_value(getattr(options, field.name)) for field in fields(options)}

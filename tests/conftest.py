@@ -48,7 +48,7 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None, 
 @pytest.fixture(scope="session")
 def synthetic_raw(tmp_path_factory) -> Path:
     """A small synthetic archive: 8 normal and 8 abnormal 48 x 48 phantoms (read-only by convention)."""
-    from preprocess.synth import write_synthetic_archive
+    from preprocess.phantoms.synth import write_synthetic_archive
 
     raw = tmp_path_factory.mktemp("synthetic") / "raw"
     write_synthetic_archive(raw, normal=8, abnormal=8, size=48, seed=0, progress=False)
@@ -58,7 +58,7 @@ def synthetic_raw(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cache(synthetic_raw, tmp_path_factory) -> Path:
     """A 32 x 32 x 16 cache of `synthetic_raw` (read-only by convention: copy it to change it)."""
-    from preprocess.build import BuildOptions, build_cache
+    from preprocess.engine.build import BuildOptions, build_cache
 
     out = tmp_path_factory.mktemp("cache") / "tiny.h5"
     build_cache(BuildOptions(raw=synthetic_raw, out=out, jobs=1, shape=TINY_SHAPE, quiet=True))

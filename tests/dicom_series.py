@@ -16,7 +16,7 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 def phantom_volume(size: int = 32, slices: int = 12, seed: int = 0) -> tuple[np.ndarray, tuple[float, float, float]]:
     """A synthetic chest (int16 HU, RAS) with a corner landmark, so any wrong flip shows; and its spacing."""
-    from preprocess.synth import make_phantom
+    from preprocess.phantoms.synth import make_phantom
 
     phantom = make_phantom(seed, 1, True, size=size, slice_range=(slices, slices))
     hu = phantom.hu.copy()

@@ -17,9 +17,9 @@ from conftest import ROOT, TINY_SHAPE, run_python_module, write_nifti
 from common.errors import UserError
 from common.files import TEMP_MARKER
 from preprocess.__main__ import main
-from preprocess.build import BuildOptions, build_cache
+from preprocess.engine.build import BuildOptions, build_cache
 from preprocess.cache import SCHEMA_VERSION, CacheReader
-from preprocess.workers import HANDOFF_PREFIX, SHARED_MEMORY_FOLDER, VolumeHandoff, remove_orphaned_handoffs
+from preprocess.engine.workers import HANDOFF_PREFIX, SHARED_MEMORY_FOLDER, VolumeHandoff, remove_orphaned_handoffs
 
 
 def build(raw, out, **overrides):
@@ -394,10 +394,12 @@ def test_info_and_show(tiny_cache, tmp_path, capsys):
 
 
 def test_build_and_predict_describe_a_scan_that_cannot_be_used_alike(tmp_path):
-    """One failure ladder (`preprocess.scans.describe_scan_failure`) for `build` and `predict`: same file, same words."""
-    from preprocess.scans import describe_scan_failure, process_source
-    from preprocess.sources import Source
-    from preprocess.volume import ScanError, preprocess_scan
+    """One failure ladder (`preprocess.engine.scans.describe_scan_failure`) for `build` and `predict`: same file, same words."""
+    from preprocess.engine.scans import process_source
+    from preprocess.reading.formats import describe_scan_failure
+    from preprocess.finding.sources import Source
+    from preprocess.reading.canonical import ScanError
+    from preprocess.reading.transform import preprocess_scan
 
     missing = tmp_path / "CT-0" / "gone.nii.gz"
     source = Source(missing, "CT-0/gone.nii.gz", "CT-0/gone", "CT-0", 0, 0, 0)

@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from preprocess.scan_stats import compute_scan_stats
+from preprocess.reading.scan_stats import compute_scan_stats
 
 from preprocess.cache import (
     SCHEMA_VERSION, CacheError, CacheReader, CacheWriter, Failure, Preprocessing, ScanRecord, SplitOptions,

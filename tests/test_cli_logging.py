@@ -13,12 +13,12 @@ def test_log_lines_follow_stderr_after_the_stream_they_were_configured_on_is_clo
     first = io.StringIO()
     monkeypatch.setattr(sys, "stderr", first)
     configure_logging(quiet=False)
-    logging.getLogger("preprocess.build").info("one")
+    logging.getLogger("preprocess.engine.build").info("one")
     assert first.getvalue() == "one\n"
     first.close()
     second = io.StringIO()
     monkeypatch.setattr(sys, "stderr", second)
-    logging.getLogger("preprocess.build").info("two")  # a plain StreamHandler: "--- Logging error ---"
+    logging.getLogger("preprocess.engine.build").info("two")  # a plain StreamHandler: "--- Logging error ---"
     logging.getLogger("train.fit").debug("below the level")
     assert second.getvalue() == "two\n"
     configure_logging(quiet=True)

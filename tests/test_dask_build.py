@@ -26,24 +26,24 @@ from distributed import Client  # noqa: E402
 from conftest import ROOT, TINY_SHAPE  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from preprocess.__main__ import main  # noqa: E402
-from preprocess.build import BuildOptions, build_cache  # noqa: E402
-from preprocess.time_limits import ScanTimeout, time_limit  # noqa: E402
+from preprocess.engine.build import BuildOptions, build_cache  # noqa: E402
+from preprocess.engine.time_limits import ScanTimeout, time_limit  # noqa: E402
 from test_build import add_bad_files, assert_same_content, content  # noqa: E402
 
 ENVIRONMENT = {**os.environ, "PYTHONPATH": str(ROOT)}
 SLOW_SCANS = '''"""Dask worker preload (tests only): each scan takes 0.1 s longer."""
 import time
 
-import preprocess.scans
+import preprocess.engine.scans
 
-if not hasattr(preprocess.scans, "preprocess_scan_at_full_speed"):  # dask may run a preload twice
-    preprocess.scans.preprocess_scan_at_full_speed = preprocess.scans.preprocess_scan
+if not hasattr(preprocess.engine.scans, "preprocess_scan_at_full_speed"):  # dask may run a preload twice
+    preprocess.engine.scans.preprocess_scan_at_full_speed = preprocess.engine.scans.preprocess_scan
 
     def slow_preprocess_scan(*arguments):
         time.sleep(0.1)
-        return preprocess.scans.preprocess_scan_at_full_speed(*arguments)
+        return preprocess.engine.scans.preprocess_scan_at_full_speed(*arguments)
 
-    preprocess.scans.preprocess_scan = slow_preprocess_scan
+    preprocess.engine.scans.preprocess_scan = slow_preprocess_scan
 '''
 pytestmark = pytest.mark.timeout(120, method="signal")  # a hang fails its test, and teardown still kills the cluster
 

@@ -12,9 +12,11 @@ pydicom = pytest.importorskip("pydicom")
 from conftest import TINY_SHAPE, write_nifti  # noqa: E402
 from dicom_series import make_slice, phantom_volume, write_series  # noqa: E402
 from common.errors import UserError  # noqa: E402
-from preprocess.build import BuildOptions, build_cache  # noqa: E402
+from preprocess.engine.build import BuildOptions, build_cache  # noqa: E402
 from preprocess.cache import CacheReader  # noqa: E402
-from preprocess.volume import ScanError, open_any_scan, preprocess_scan  # noqa: E402
+from preprocess.reading.canonical import ScanError
+from preprocess.reading.formats import open_any_scan
+from preprocess.reading.transform import preprocess_scan  # noqa: E402
 
 WINDOW = (-1000.0, 400.0)
 UID = "1.2.826.0.1.3680043.8.498.100"
@@ -64,7 +66,7 @@ def test_geometry_agrees_with_nibabels_own_dicom_reader(chest, tmp_path, orienta
     # and not the test writer's: the in-plane axes and the origin of the first slice along the normal
     from nibabel.nicom import dicomwrappers
 
-    from preprocess.dicom import LPS_TO_RAS, series_affine, slice_geometry
+    from preprocess.reading.dicom import LPS_TO_RAS, series_affine, slice_geometry
 
     hu, spacing = chest
     paths = write_series(tmp_path, hu, spacing, orientation, reverse_on_disk=reverse_on_disk)
@@ -281,7 +283,7 @@ def test_truncated_or_foreign_file_posing_as_dicom_fails_its_series(chest, tmp_p
 
 
 def test_without_pydicom_a_dicom_archive_gets_the_install_line(chest, tmp_path, monkeypatch):
-    from preprocess import series
+    from preprocess.finding import series
 
     hu, spacing = chest
     write_series(tmp_path / "raw" / "CT-1" / "a", hu, spacing)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import UserError
+import common.files as files
 from preprocess import download
 from preprocess.download import download_archives, fetch_with_resume
 
@@ -445,7 +446,7 @@ def test_verified_archive_without_marker_is_extracted_without_downloading(server
 
 
 def test_interrupted_move_leaves_no_marker_and_the_rerun_finishes(server, archives, out_dir, monkeypatch):
-    real_replace = download.os.replace
+    real_replace = files.os.replace  # common.files moves each extracted scan into place
     moved_paths = []
 
     def replace_then_interrupt(source, destination):
@@ -455,10 +456,10 @@ def test_interrupted_move_leaves_no_marker_and_the_rerun_finishes(server, archiv
             moved_paths.append(destination)
         real_replace(source, destination)
 
-    monkeypatch.setattr(download.os, "replace", replace_then_interrupt)
+    monkeypatch.setattr(files.os, "replace", replace_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         download_archives(out_dir, server.base_url, names=("CT-0.zip",), progress=False)
-    monkeypatch.setattr(download.os, "replace", real_replace)
+    monkeypatch.setattr(files.os, "replace", real_replace)
     assert moved_paths == [out_dir / "CT-0" / "study_0000.nii.gz"]
     assert not (out_dir / ".downloads" / "CT-0.zip.done").exists()
     assert not (out_dir / ".extract-CT-0.zip-tmp").exists()
@@ -470,9 +471,9 @@ def test_interrupted_move_leaves_no_marker_and_the_rerun_finishes(server, archiv
 def test_download_command_then_build_end_to_end(server, out_dir, tmp_path):
     """The real command in a subprocess, zips of real NIfTI phantoms, then a cache built from them."""
     from conftest import run_python_module
-    from preprocess.build import BuildOptions, build_cache
+    from preprocess.engine.build import BuildOptions, build_cache
     from preprocess.cache import CacheReader
-    from preprocess.synth import make_phantom, write_phantom
+    from preprocess.phantoms.synth import make_phantom, write_phantom
 
     for class_name, abnormal in (("CT-0", False), ("CT-23", True)):
         entries = {}

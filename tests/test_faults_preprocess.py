@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 
 from conftest import ROOT, TINY_SHAPE
 from preprocess.__main__ import main
-from preprocess.build import BuildOptions, build_cache
+from preprocess.engine.build import BuildOptions, build_cache
 from preprocess.cache import CacheError, CacheReader
-from preprocess.volume import ScanError, preprocess_scan
+from preprocess.reading.canonical import ScanError
+from preprocess.reading.transform import preprocess_scan
 
 ENVIRONMENT = {**os.environ, "PYTHONPATH": str(ROOT)}
 

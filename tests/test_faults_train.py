@@ -704,7 +704,7 @@ def test_three_fits_and_a_rebuild_of_their_cache_at_once_all_finish_with_valid_r
 REBUILD_LOOP = """
 import sys
 from pathlib import Path
-from preprocess.build import BuildOptions, build_cache
+from preprocess.engine.build import BuildOptions, build_cache
 raw, out = Path(sys.argv[1]), Path(sys.argv[2])
 for window in [(-900.0, 300.0), (-1000.0, 400.0)] * 3:
     build_cache(BuildOptions(raw=raw, out=out, jobs=1, shape=(32, 32, 16), hu_window=window, force=True, quiet=True))
@@ -807,7 +807,7 @@ REFERENCE_KEYS = ["version", "model", "feature_threshold", "histogram_threshold"
 
 @pytest.fixture(scope="module")
 def reference_document(tmp_path_factory) -> dict:
-    from preprocess.scan_stats import compute_scan_stats
+    from preprocess.reading.scan_stats import compute_scan_stats
     from train.trust.ood import build_reference, write_reference
 
     folder = tmp_path_factory.mktemp("reference")

@@ -7,7 +7,7 @@ import pytest
 from conftest import TINY_SHAPE, write_nifti
 from common.errors import UserError
 from preprocess.__main__ import main
-from preprocess.build import BuildOptions, build_cache
+from preprocess.engine.build import BuildOptions, build_cache
 from preprocess.cache import CacheReader
 
 pytest.importorskip("pydicom")
@@ -143,7 +143,7 @@ def test_severity_orders_free_class_names_by_their_grade_number(tmp_path):
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside Keras model.save
 def test_end_to_end_labels_file_mixed_formats_fit_evaluate_and_predict_a_dicom_folder(tmp_path, capsys):
     pytest.importorskip("tensorflow")
-    from preprocess.synth import make_phantom
+    from preprocess.phantoms.synth import make_phantom
     from train.__main__ import main as train_main
 
     raw, rows = tmp_path / "raw", ["path,class"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from preprocess.splits import make_splits
+from preprocess.engine.splits import make_splits
 
 
 def archive(normal: int, abnormal: int):

@@ -11,10 +11,11 @@ import pytest
 from scipy import ndimage
 
 from common.errors import UserError
-from preprocess import synth
+import common.files as files
+from preprocess.phantoms import synth
 from preprocess.__main__ import main
-from preprocess.lesions import CONSOLIDATION_HU_RANGE, GRADE_INVOLVEMENT_RANGES, GROUND_GLASS_HU_RANGE
-from preprocess.synth import default_slice_range, make_phantom, write_phantom, write_synthetic_archive
+from preprocess.phantoms.lesions import CONSOLIDATION_HU_RANGE, GRADE_INVOLVEMENT_RANGES, GROUND_GLASS_HU_RANGE
+from preprocess.phantoms.synth import default_slice_range, make_phantom, write_phantom, write_synthetic_archive
 from conftest import ROOT
 
 MAX_NOISE_SIGMA_HU = 25
@@ -180,19 +181,20 @@ def test_failed_write_leaves_neither_scan_nor_temporary(tmp_path, monkeypatch):
     def fail(source, destination):
         raise OSError("disk full")
 
-    monkeypatch.setattr(synth.os, "replace", fail)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(files.os, "replace", fail)  # the rename that common.files makes for synth
+    # through common.files, the OS's refusal is one line for the user (a WriteError), as for every file the tool writes
+    with pytest.raises(files.WriteError, match=r"could not write .*scan\.nii\.gz: disk full"):
         write_phantom(make_phantom(0, 0, False, size=16), tmp_path / "scan.nii.gz")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_module_does_not_import_tensorflow():
-    code = "import sys, preprocess.synth; sys.exit('tensorflow' in sys.modules)"
+    code = "import sys, preprocess.phantoms.synth; sys.exit('tensorflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
 def test_rewriting_the_same_archive_keeps_files_untouched(tmp_path):
-    from preprocess.synth import write_synthetic_archive as write_archive
+    from preprocess.phantoms.synth import write_synthetic_archive as write_archive
 
     import os
 

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import write_nifti
 from common.errors import UserError
-from preprocess.synth import make_phantom, write_phantom
-from preprocess.volume import preprocess_scan
+from preprocess.phantoms.synth import make_phantom, write_phantom
+from preprocess.reading.transform import preprocess_scan
 from train.explain import compute_grad_cam, save_explanation
 from train.network.model import build_model
 

@@ -19,7 +19,7 @@ pytest.importorskip("tensorflow")
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside Keras model.save
 
 from common.errors import UserError  # noqa: E402
-from preprocess.build import BuildOptions, build_cache  # noqa: E402
+from preprocess.engine.build import BuildOptions, build_cache  # noqa: E402
 from preprocess.cache import CacheReader  # noqa: E402
 from train.__main__ import main  # noqa: E402
 from train.evaluate import evaluate_run  # noqa: E402
@@ -370,7 +370,7 @@ def test_a_run_made_before_calibration_predicts_raw_with_one_line_each(trained_r
     assert "no calibration" in warnings[0] and "raw network outputs" in warnings[0]
     assert "no reference of the training scans" in warnings[1]
     # and its raw probability is the model's own output
-    from preprocess.volume import preprocess_scan
+    from preprocess.reading.transform import preprocess_scan
     from train.rundir.models import load_trained_model
 
     model = load_trained_model(model_path(run_dir))

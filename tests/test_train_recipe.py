@@ -238,8 +238,8 @@ def test_tutorial_recipe_reproduces_the_history_of_the_code_before_recipes(tiny_
 @pytest.fixture(scope="module")
 def small_cache(tmp_path_factory) -> Path:
     """24 phantoms (12 of each class) at 32 x 32 x 16, a quarter of each class for validation (6 scans)."""
-    from preprocess.build import BuildOptions, build_cache
-    from preprocess.synth import write_synthetic_archive
+    from preprocess.engine.build import BuildOptions, build_cache
+    from preprocess.phantoms.synth import write_synthetic_archive
 
     folder = tmp_path_factory.mktemp("small")
     write_synthetic_archive(folder / "raw", normal=12, abnormal=12, size=48, seed=5, progress=False)

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import TINY_SHAPE
 from common.errors import UserError
-from preprocess.build import BuildOptions, build_cache
+from preprocess.engine.build import BuildOptions, build_cache
 from preprocess.cache import CacheReader
 from train.network.scores import compute_quadratic_weighted_kappa, compute_severity_report
 from train.network.tasks import Task, class_indices, make_task, task_from_config, training_targets
@@ -25,7 +25,7 @@ GRADES = ("CT-0", "CT-1", "CT-2", "CT-3")
 @pytest.fixture(scope="module")
 def graded_raw(tmp_path_factory) -> Path:
     """12 normal and 18 abnormal phantoms, the abnormal ones dealt into CT-1, CT-2 and CT-3 (6 each)."""
-    from preprocess.synth import write_synthetic_archive
+    from preprocess.phantoms.synth import write_synthetic_archive
 
     raw = tmp_path_factory.mktemp("graded") / "raw"
     write_synthetic_archive(raw, normal=12, abnormal=18, size=32, seed=3, progress=False)

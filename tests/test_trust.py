@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from preprocess.scan_stats import MIN_SLICES, compute_scan_stats, hard_problems
-from preprocess.synth import write_synthetic_archive
-from preprocess.volume import preprocess_scan
+from preprocess.reading.scan_stats import MIN_SLICES, compute_scan_stats, hard_problems
+from preprocess.phantoms.synth import write_synthetic_archive
+from preprocess.reading.transform import preprocess_scan
 from tests.conftest import write_nifti
 from train.trust.calibration import (
     brier_score, expected_calibration_error, fit_temperature, negative_log_likelihood, probabilities_from_logits,
@@ -187,3 +187,19 @@ def test_held_out_phantoms_pass_and_real_ct_is_flagged(phantom_stats, real_ct):
         verdict = reference.judge(rng.normal(size=8), info.stats)
         assert verdict.flagged["geometry"] and verdict.flagged["histogram"], (scan.name, verdict.scores)
         assert any("training" in reason for reason in verdict.reasons_by_check["geometry"])
+
+
+def test_the_fitted_temperature_is_served_only_when_the_validation_split_supports_it():
+    from train.trust.calibration import LIKELIHOOD_RATIO_CRITICAL, calibrate
+
+    rng = np.random.default_rng(6)
+    true_logits = rng.normal(0.0, 3.0, 20_000)
+    classes = (rng.random(true_logits.size) < probabilities_from_logits(true_logits)).astype(int)
+    # an over-confident model (logits x3) on a large split: strong evidence, the fitted T is served
+    strong = calibrate(3.0 * true_logits, classes, "m.keras", "val")
+    assert strong.temperature == strong.fitted_temperature == pytest.approx(3.0, rel=0.05)
+    assert strong.likelihood_ratio > LIKELIHOOD_RATIO_CRITICAL and strong.nll_after < strong.nll_before
+    # a calibrated model on 54 scans: the fit moves T by chance, the test does not accept it, T = 1 is served
+    weak = calibrate(true_logits[:54], classes[:54], "m.keras", "val")
+    assert weak.fitted_temperature != 1.0 and weak.likelihood_ratio < LIKELIHOOD_RATIO_CRITICAL
+    assert weak.temperature == 1.0 and weak.nll_after == weak.nll_before

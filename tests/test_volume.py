@@ -10,9 +10,10 @@ import pytest
 from scipy import ndimage
 
 from conftest import write_nifti
-from preprocess.volume import (
-    ScanError, load_scan, preprocess_scan, read_scan_bytes, resize_axis, resize_volume, window_volume,
-)
+from preprocess.reading.canonical import ScanError
+from preprocess.reading.nifti import load_scan, read_scan_bytes
+from preprocess.reading.resize import resize_axis, resize_volume
+from preprocess.reading.transform import preprocess_scan, window_volume
 
 SHAPE = (32, 32, 16)
 WINDOW = (-1000.0, 400.0)

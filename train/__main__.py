@@ -14,6 +14,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 from common.cli import (  # noqa: E402
     EXIT_INTERRUPTED, ArgumentParser, configure_logging, non_negative_int, positive_float, positive_int, run_command,
 )
+from preprocess.cache.schema import SPLIT_NAMES  # noqa: E402
 from train.loop.distribute import STRATEGIES  # noqa: E402
 from train.network.tasks import TASKS  # noqa: E402
 from train.rundir.listing import COLUMNS as RUN_COLUMNS  # noqa: E402
@@ -24,7 +25,6 @@ from train.options import (  # noqa: E402
 
 PROG = "python -m train"
 DEFAULTS = FitOptions()
-SPLITS = ("train", "val", "test")
 FLAG_NAMES = {"learning_rate": "lr"}  # FitOptions fields whose flag is not their name
 
 
@@ -80,7 +80,7 @@ def make_parser() -> ArgumentParser:
     evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                           help="run directory written by `fit`, or a `cv` directory (its folds' mean)")
     evaluate.add_argument("cache", type=Path, metavar="CACHE", help="cache file with the same preprocessing")
-    evaluate.add_argument("--split", choices=SPLITS, default="test", help="which split of the cache to evaluate")
+    evaluate.add_argument("--split", choices=SPLIT_NAMES, default="test", help="which split of the cache to evaluate")
 
     predict = commands.add_parser(
         "predict", help="classify raw NIfTI scans or DICOM series with a run's model", formatter_class=defaults,

@@ -25,11 +25,10 @@ from preprocess.cache import CacheReader
 from train.network.tasks import HEADLINE_METRICS
 from train.options import FitOptions, check_fit_options, resolve_recipe
 from train.rundir.folders import prepare_output_dir
-from train.rundir.layout import CONFIG
+from train.rundir.layout import CONFIG, CV_SUMMARY as SUMMARY, fold_dir
 
 log = logging.getLogger(__name__)
 
-SUMMARY = "cv_summary.json"
 MAX_FOLDS = 100
 
 
@@ -37,10 +36,6 @@ MAX_FOLDS = 100
 class CrossValidationReport:
     run_dir: Path
     summary: dict
-
-
-def fold_dir(run_dir: Path, fold: int) -> Path:
-    return Path(run_dir) / f"fold-{fold}"
 
 
 def summarize(values: list[float]) -> dict:

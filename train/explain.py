@@ -19,7 +19,7 @@ import tensorflow as tf
 from common.errors import UserError
 from common.files import replace_atomically
 from preprocess.montage import save_montage
-from preprocess.volume import resize_volume
+from preprocess.reading.resize import resize_volume
 
 
 def find_last_convolution(model: keras.Model) -> keras.layers.Layer:

@@ -273,8 +273,9 @@ def format_report(report: FitReport) -> str:
     result = "test " + ", ".join(f"{METRIC_LABELS.get(name, name)} {number(test.get(name))}" for name in names)
     calibration = test.get("calibration") or {}
     if calibration.get("after"):
-        result += (f", ECE {calibration['before']['ece']:.3f} -> {calibration['after']['ece']:.3f} calibrated "
-                   f"(temperature {calibration['temperature']:.2f})")
+        before, after = calibration["before"]["ece"], calibration["after"]["ece"]
+        change = f"{after:.3f}" if calibration["temperature"] == 1.0 else f"{before:.3f} -> {after:.3f} calibrated"
+        result += f", ECE {change} (temperature {calibration['temperature']:.2f})"
     state = report.state
     best = f"best val AUC {state.best_val_auc:.4f} at epoch {state.best_epoch}"
     if test.get("keep") == "last":

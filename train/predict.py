@@ -2,11 +2,11 @@
 training data, from one run or from a cross-validation's folds.
 
 The shape and Hounsfield window come from the run's config.json (copied from the cache), and
-the transform is `preprocess.volume.preprocess_scan`, the function that built the cache. A run
+the transform is `preprocess.reading.transform.preprocess_scan`, the function that built the cache. A run
 made by a version of the code that resampled or oriented differently is refused.
 
 Each scan, in order:
-1. Hard checks on the header and the raw voxels (`preprocess.scan_stats.hard_problems`): a volume
+1. Hard checks on the header and the raw voxels (`preprocess.reading.scan_stats.hard_problems`): a volume
    that is not a CT in Hounsfield units, absurd spacing or field of view, too few slices, a
    constant volume. Such a scan gets its reasons and no probability (an error line, as an
    unreadable scan does).
@@ -39,9 +39,9 @@ import numpy as np
 from common.errors import UserError
 from common.files import make_folder
 from preprocess.preprocessing import Preprocessing
-from preprocess.scan_stats import hard_problems
-from preprocess.scans import describe_scan_failure
-from preprocess.volume import preprocess_scan
+from preprocess.reading.scan_stats import hard_problems
+from preprocess.reading.formats import describe_scan_failure
+from preprocess.reading.transform import preprocess_scan
 from train.loop.native_logs import load_tensorflow
 from train.network.scores import DECISION_THRESHOLD as THRESHOLD
 from train.network.tasks import task_from_config

@@ -1,6 +1,6 @@
 """THE cache: its schema (`schema`), one writer (`writer`) and one reader (`reader`).
 
-Nothing else in the project spells an HDF5 path. `preprocess.build` writes through
+Nothing else in the project spells an HDF5 path. `preprocess.engine.build` writes through
 `CacheWriter`; `train` reads through `CacheReader`. The layout (datasets, attributes, schema
 versions, the fingerprint) is documented in one place, docs/cache-format.md; `schema.py` holds
 the names and the version in code.

@@ -11,7 +11,7 @@ from preprocess.cache.schema import (
     STATS_TABLES, CacheError, Failure, ScanRecord, SplitOptions,
 )
 from preprocess.preprocessing import Preprocessing, plain_value
-from preprocess.scan_stats import ScanStats
+from preprocess.reading.scan_stats import ScanStats
 
 
 class CacheReader:
@@ -105,7 +105,7 @@ class CacheReader:
 
     @property
     def has_scan_stats(self) -> bool:
-        """Whether the rows carry their raw-HU statistics (schema version 2 on; see `preprocess.scan_stats`)."""
+        """Whether the rows carry their raw-HU statistics (schema version 2 on; see `preprocess.reading.scan_stats`)."""
         return self.schema_version >= 2
 
     def scan_stats(self) -> list[ScanStats] | None:

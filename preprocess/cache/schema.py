@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -17,8 +17,8 @@ import numpy as np
 from common.errors import UserError
 from common.files import TEMP_MARKER
 from common.processes import process_alive
-from preprocess.preprocessing import Preprocessing, plain_value
-from preprocess.scan_stats import HISTOGRAM_BINS, ScanStats
+from preprocess.preprocessing import Preprocessing
+from preprocess.reading.scan_stats import HISTOGRAM_BINS, ScanStats
 
 FORMAT_NAME = "mosmed3d-cache"
 SCHEMA_VERSION = 2  # 2: /scan_stats (raw-HU statistics per row, for predict's distribution check)
@@ -90,11 +90,6 @@ def compute_fingerprint(preprocessing: Preprocessing, scan_ids, source_sha256, l
     if labels_sha256 is not None:
         digest.update(f"\nlabels\t{labels_sha256}".encode())
     return digest.hexdigest()
-
-
-def jsonable(options) -> dict:
-    """A dataclass's fields as plain JSON values (cache attributes)."""
-    return {field.name: plain_value(getattr(options, field.name)) for field in fields(options)}
 
 
 def temp_path_for(out: Path) -> Path:

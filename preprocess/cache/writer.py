@@ -14,9 +14,9 @@ import numpy as np
 from common.files import move_into_place
 from preprocess.cache.schema import (
     FORMAT_NAME, SCHEMA_VERSION, SPLIT_NAMES, STATS_GROUP, STATS_TABLES, STRING, CacheError, Failure, ScanRecord, SplitOptions,
-    compute_fingerprint, estimated_cache_bytes, jsonable, temp_path_for,
+    compute_fingerprint, estimated_cache_bytes, temp_path_for,
 )
-from preprocess.preprocessing import Preprocessing
+from preprocess.preprocessing import Preprocessing, jsonable
 
 
 class CacheWriter:

@@ -20,6 +20,7 @@ Layout:
     reference.json      what the training scans looked like, and the thresholds set on the validation split, for
                        predict's "is this scan like the training data?" (`train.trust.ood`)
     .lock              held by the `fit` that is writing the run (`train.rundir.folders`)
+A cross-validation directory holds fold-1 ... fold-K, each a run directory, and cv_summary.json.
 The run's model, the one `evaluate`, `predict`, `cv` and Grad-CAM use, is one of the two model
 files: config.json's `keep` says which (`model_path`).
 """
@@ -53,6 +54,20 @@ LEGACY_BEST_MODEL = "best.keras"  # runs written before best models were named b
 MODEL_NAME = re.compile(r"(?:last|best)-epoch-\d{4,}\.keras")
 MODEL_GLOBS = ("last-epoch-*.keras", "best-epoch-*.keras", LEGACY_BEST_MODEL)
 KEEPS = ("best", "last")  # which of the two model files is the run's model (`fit --keep`)
+# a cross-validation directory (`train cv`): its folds are run directories, its summary beside them
+CV_SUMMARY = "cv_summary.json"
+FOLD_DIR = re.compile(r"fold-(\d+)")
+
+
+def fold_dir(run_dir: Path, fold: int) -> Path:
+    """The run directory of fold `fold` (1-based) of a cross-validation directory."""
+    return Path(run_dir) / f"fold-{fold}"
+
+
+def fold_dirs(cv_dir: Path) -> list[Path]:
+    """The fold run directories of a cross-validation directory, in fold order."""
+    folds = [(int(match[1]), path) for path in Path(cv_dir).glob("fold-*") if (match := FOLD_DIR.fullmatch(path.name))]
+    return [path for _, path in sorted(folds)]
 
 
 def last_model_name(epoch: int) -> str:

@@ -4,7 +4,7 @@
 check's threshold on the validation split, so the share of in-distribution scans it flags is
 known when the run is made (`val_flag_rate`):
 
-- **histogram**: the raw-HU intensity histogram (`preprocess.scan_stats`, kept in the cache at
+- **histogram**: the raw-HU intensity histogram (`preprocess.reading.scan_stats`, kept in the cache at
   build time). Score: the mean earth mover's distance, in HU, to the K_NEAREST nearest training
   scans' histograms. Flagged above the validation scans' 99th percentile. Vasiliuk et al. (J.
   Imaging 2023) found this plain histogram a strong detector on 3D CT, often better than
@@ -35,7 +35,7 @@ import numpy as np
 
 from common.errors import UserError
 from common.files import read_json, write_json_atomically
-from preprocess.scan_stats import HISTOGRAM_EDGES, ScanStats
+from preprocess.reading.scan_stats import HISTOGRAM_EDGES, ScanStats
 
 REFERENCE = "reference.json"
 REFERENCE_VERSION = 1

@@ -20,14 +20,14 @@ import numpy as np
 
 from common.errors import UserError
 from train.network.tasks import Task, task_from_config
-from train.rundir.layout import model_path, open_run
-from train.trust.calibration import Calibration, fit_temperature, negative_log_likelihood, probabilities_from_logits
-from train.trust.calibration import read_calibration, write_calibration
+from train.rundir.layout import CV_SUMMARY, fold_dir, fold_dirs, model_path, open_run
+from train.trust.calibration import (
+    LIKELIHOOD_RATIO_CRITICAL, Calibration, calibrate, probabilities_from_logits, read_calibration, write_calibration,
+)
 from train.trust.ood import Reference, build_reference, read_reference, write_reference
 
 log = logging.getLogger(__name__)
 
-CV_SUMMARY = "cv_summary.json"  # train.cv's; named here too so this module does not import train.cv
 _HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its (features, output) model
 
 
@@ -101,12 +101,13 @@ def fit_calibration_and_reference(run_dir: Path, model, model_name: str, reader,
     (train_rows, train_classes), (val_rows, val_classes) = train, val
     train_features, _ = outputs_for_rows(model, reader, train_rows)
     val_features, val_logits = outputs_for_rows(model, reader, val_rows)
-    temperature, at_bound = fit_temperature(val_logits, val_classes)
-    calibration = Calibration(
-        temperature=temperature, model=model_name, fitted_on=f"validation rows ({len(val_rows)} scans)",
-        scans=int(len(val_rows)), nll_before=negative_log_likelihood(val_logits, val_classes),
-        nll_after=negative_log_likelihood(val_logits, val_classes, temperature), at_bound=at_bound)
-    if at_bound and temperature < 1:
+    calibration = calibrate(val_logits, val_classes, model_name, f"validation rows ({len(val_rows)} scans)")
+    temperature, at_bound = calibration.fitted_temperature, calibration.at_bound
+    if calibration.temperature != temperature:
+        log.info("calibration: the validation split does not support a temperature other than 1 (fitted %.3f, "
+                 "likelihood ratio %.2f < %.2f): the probabilities are served as the network gives them",
+                 temperature, calibration.likelihood_ratio, LIKELIHOOD_RATIO_CRITICAL)
+    elif at_bound and temperature < 1:
         log.warning("the temperature hit its lower bound (%.3g): the validation scans are separated perfectly, so "
                     "the calibrated probabilities are as sure as the bound allows", temperature)
     elif at_bound:
@@ -124,14 +125,14 @@ def fit_calibration_and_reference(run_dir: Path, model, model_name: str, reader,
     write_calibration(run_dir, calibration)
     write_reference(run_dir, reference)
     log.info("calibration: temperature %.3f (validation NLL %.4f -> %.4f); reference of %d training scans, "
-             "validation scans flagged: %s", temperature, calibration.nll_before, calibration.nll_after,
+             "validation scans flagged: %s", calibration.temperature, calibration.nll_before, calibration.nll_after,
              len(train_rows), ", ".join(f"{name} {100 * rate:.1f}%" for name, rate in reference.val_flag_rate.items()))
     return calibration, reference
 
 
 # -- opened by predict and evaluate -------------------------------------------------------------------
 def is_cv_dir(path: Path) -> bool:
-    return (Path(path) / CV_SUMMARY).is_file() or (Path(path) / "fold-1").is_dir()
+    return (Path(path) / CV_SUMMARY).is_file() or fold_dir(path, 1).is_dir()
 
 
 def member_dirs(path: Path) -> list[Path]:
@@ -139,12 +140,11 @@ def member_dirs(path: Path) -> list[Path]:
     path = Path(path)
     if not is_cv_dir(path):
         return [path]
-    folds = sorted((candidate for candidate in path.glob("fold-*") if candidate.name[5:].isdigit()),
-                   key=lambda candidate: int(candidate.name[5:]))
+    folds = fold_dirs(path)
     if not (path / CV_SUMMARY).is_file():
         raise UserError(f"{path}: the cross-validation has not finished (no {CV_SUMMARY}); finish it with "
                         "`train cv --resume`, or give one fold's directory")
-    if [int(fold.name[5:]) for fold in folds] != list(range(1, len(folds) + 1)) or len(folds) < 2:
+    if folds != [fold_dir(path, fold) for fold in range(1, len(folds) + 1)] or len(folds) < 2:
         raise UserError(f"{path}: expected folders fold-1 ... fold-K (K >= 2); the directory was changed by hand")
     return folds
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from common.errors import UserError
-from preprocess.series import group_series, looks_like_dicom, require_pydicom
-from preprocess.sources import Source, scan_stem, series_fingerprint
+from preprocess.finding.series import group_series, looks_like_dicom, require_pydicom
+from preprocess.finding.sources import Source, scan_stem, series_fingerprint
 
 COLUMNS = ("path", "class")
 

@@ -35,7 +35,7 @@ class BuildOptions:
     force: bool = False
     strict: bool = False
     quiet: bool = False
-    labels: Path | None = None  # a `path,class` CSV instead of class folders (preprocess.labels)
+    labels: Path | None = None  # a `path,class` CSV instead of class folders (preprocess.finding.labels)
     normal_class: str = "CT-0"  # the class whose scans get label 0
 
     @property

@@ -2,8 +2,9 @@
 
 `process_source` is what every backend (local processes, threads, a Dask cluster) runs per
 scan, and `cancelled_on_exit` how every backend drops the scans still queued when the build
-stops early. `describe_scan_failure` is the one ladder from an exception to that line; `predict`
-uses it too, so a scan that cannot be used is described the same way everywhere.
+stops early. The line comes from `preprocess.reading.formats.describe_scan_failure`, the one ladder
+from an exception to a reason; `predict` uses it too, so a scan that cannot be used is described the
+same way everywhere.
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import numpy as np
 
 from preprocess.cache.schema import ScanRecord
 from preprocess.preprocessing import Preprocessing
-from preprocess.sources import Source
-from preprocess.time_limits import ScanTimeout, time_limit
-from preprocess.volume import ScanError, preprocess_scan
+from preprocess.finding.sources import Source
+from preprocess.engine.time_limits import ScanTimeout, time_limit
+from preprocess.reading.formats import describe_scan_failure
+from preprocess.reading.transform import preprocess_scan
 
 TIMEOUT_REASON = "took longer than"  # timed-out scans are retried by the next build, not remembered
 
@@ -30,15 +32,6 @@ class ScanOutcome:
     record: ScanRecord | None = None
     reason: str | None = None
     cannot_open: str | None = None  # the worker could not open the file at all (missing, no permission)
-
-
-def describe_scan_failure(error: Exception) -> str:
-    """Why a scan could not be used, in one line: the failure ladder of `build` and `predict`."""
-    if isinstance(error, ScanError):
-        return str(error)
-    if isinstance(error, MemoryError):
-        return "too large to load into memory"
-    return f"unreadable ({type(error).__name__}: {error})"  # a corrupt file can break nibabel or numpy in many ways
 
 
 def process_source(source: Source, preprocessing: Preprocessing, timeout_seconds: float) -> ScanOutcome:

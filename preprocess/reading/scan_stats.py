@@ -1,6 +1,6 @@
 """A scan's cheap statistics, taken from its raw Hounsfield units, and the hard checks they allow.
 
-`preprocess.volume.preprocess_scan` fills a `StatsAccumulator` slab by slab, before windowing,
+`preprocess.reading.transform.preprocess_scan` fills a `StatsAccumulator` slab by slab, before windowing,
 so building the cache and `predict` describe a scan with the same function. The cache keeps
 these statistics per row (schema version 2); `train.trust.ood` compares a new scan's with the
 training scans'. The hard checks (`hard_problems`) refuse what is not a CT volume at all, before

@@ -1,4 +1,4 @@
-"""Read one DICOM CT series (pydicom) into the canonical array `preprocess.volume` works on.
+"""Read one DICOM CT series (pydicom) into the canonical array every reader ends in (`preprocess.reading.canonical`).
 
 Slices are ordered by their position along the slice normal (ImagePositionPatient projected on
 the cross product of the ImageOrientationPatient vectors), never by file name or
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from preprocess.series import find_folder_series
-from preprocess.volume import (
+from preprocess.finding.series import find_folder_series
+from preprocess.reading.canonical import (
     MAX_FILE_BYTES, MAX_VOXELS_PER_AXIS, MAX_VOXELS_TOTAL, MIN_VOXELS_PER_AXIS, OpenedScan, ScanError, canonical_scan,
 )
 

@@ -7,9 +7,9 @@ from contextlib import contextmanager
 from joblib import Parallel, delayed, parallel_config
 
 from preprocess.preprocessing import Preprocessing
-from preprocess.scans import ScanOutcome, cancelled_on_exit, process_source
-from preprocess.sources import Source
-from preprocess.workers import VolumeHandoff, start_worker
+from preprocess.engine.scans import ScanOutcome, cancelled_on_exit, process_source
+from preprocess.finding.sources import Source
+from preprocess.engine.workers import VolumeHandoff, start_worker
 
 
 @contextmanager
@@ -22,7 +22,7 @@ def preprocessed_in_parallel(sources: list[Source], preprocessing: Preprocessing
     workers are the Dask cluster's at `scheduler`, and its worker threads replace `jobs`.
     """
     if backend == "dask":
-        from preprocess.backends import preprocessed_on_dask  # imports dask, so only for this backend
+        from preprocess.engine.dask_cluster import preprocessed_on_dask  # imports dask, so only for this backend
 
         with preprocessed_on_dask(sources, preprocessing, timeout_seconds, scheduler) as outcomes:
             yield outcomes
@@ -38,7 +38,7 @@ def preprocessed_in_parallel(sources: list[Source], preprocessing: Preprocessing
         return
     handoff = VolumeHandoff.open()
     try:
-        # the initializer runs in each loky worker as it starts: see preprocess.workers
+        # the initializer runs in each loky worker as it starts: see preprocess.engine.workers
         with parallel_config(backend="loky", initializer=start_worker, initargs=(os.getpid(),)):
             handed = Parallel(n_jobs=n_jobs, return_as="generator", batch_size=1, pre_dispatch="2*n_jobs")(
                 delayed(process_source_for_handoff)(source, preprocessing, timeout_seconds, handoff)

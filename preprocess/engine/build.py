@@ -5,7 +5,7 @@ scan-id order through joblib's ordered generator, which keeps at most `2 * jobs`
 flight, so memory does not grow with the number of scans. (Finished results wait in the parent
 only while the writer is slower than the workers, or behind a scan that is slower than the
 rest.) Rows are always sorted by scan id, so the cache's content does not depend on `--jobs`,
-on the backend (local processes, or a Dask cluster: `preprocess.backends`) or on the history of
+on the backend (local processes, or a Dask cluster: `preprocess.engine.dask_cluster`) or on the history of
 incremental builds.
 """
 from __future__ import annotations
@@ -24,12 +24,12 @@ from preprocess import __version__
 from preprocess.cache import (
     CacheError, CacheReader, CacheWriter, Failure, ScanRecord, compute_fingerprint, stale_temp_files,
 )
-from preprocess.options import BuildOptions, check_options
-from preprocess.parallel import preprocessed_in_parallel
-from preprocess.scans import TIMEOUT_REASON
-from preprocess.sources import Source, find_sources
-from preprocess.splits import make_splits
-from preprocess.workers import remove_orphaned_handoffs
+from preprocess.engine.options import BuildOptions, check_options
+from preprocess.engine.parallel import preprocessed_in_parallel
+from preprocess.engine.scans import TIMEOUT_REASON
+from preprocess.finding.sources import Source, find_sources
+from preprocess.engine.splits import make_splits
+from preprocess.engine.workers import remove_orphaned_handoffs
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def build_cache(options: BuildOptions) -> BuildReport:
     check_options(options)
     out = Path(options.out)
     if options.labels is not None:
-        from preprocess.labels import find_labelled_sources
+        from preprocess.finding.labels import find_labelled_sources
 
         labelled = find_labelled_sources(options.raw, options.labels, options.normal_class)
         sources, refused, unlisted, labels_sha256 = (labelled.sources, labelled.refused, labelled.unlisted,

@@ -15,7 +15,7 @@ def time_limit(seconds: float):
     """A context manager that raises ScanTimeout in this thread after `seconds` of wall time.
 
     The alarm interrupts Python code, not a C call in progress; the header checks in
-    `preprocess.volume` keep every C call (inflate, copy, average) bounded in size.
+    `preprocess.reading` keep every C call (inflate, copy, average) bounded in size.
     """
     if threading.current_thread() is threading.main_thread():
         return _alarm(seconds)

@@ -13,8 +13,6 @@ until the lesion share of the lung falls inside that grade's range, as MosMedDat
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +21,9 @@ import numpy as np
 from tqdm import tqdm
 
 from common.errors import UserError
-from preprocess.lesions import GRADE_INVOLVEMENT_RANGES, HU_LUNG, add_graded_lesions, add_lesions
-from preprocess.sources import find_sources
+from common.files import replace_atomically
+from preprocess.phantoms.lesions import GRADE_INVOLVEMENT_RANGES, HU_LUNG, add_graded_lesions, add_lesions
+from preprocess.finding.sources import find_sources
 
 try:  # ISA-L deflates several times faster than zlib, and compression is most of a write
     from isal import igzip as _gzip
@@ -212,14 +211,8 @@ def write_phantom(phantom: Phantom, path: Path) -> None:
     data = _gzip.compress(image.to_bytes(), compresslevel=GZIP_LEVEL, mtime=0)
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return  # unchanged: keep the file's mtime, so an incremental build sees nothing new
-    # a dot name ending in .tmp is never taken for a scan, so a killed run leaves nothing half written
-    temporary = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    # through a dot-named temporary file, never taken for a scan: a killed run leaves nothing half written
+    replace_atomically(path, lambda temporary: temporary.write_bytes(data))
 
 
 def class_folder(abnormal: bool, grade: int | None) -> str:

@@ -34,8 +34,8 @@ from joblib._dask import DaskDistributedBackend  # the class behind joblib's "da
 
 from common.errors import UserError
 from preprocess.preprocessing import Preprocessing
-from preprocess.scans import cancelled_on_exit, process_source
-from preprocess.sources import Source
+from preprocess.engine.scans import cancelled_on_exit, process_source
+from preprocess.finding.sources import Source
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ MosMedData keeps one folder per severity grade, `CT-0` (normal) to `CT-4`; the f
 nests them under `studies/`, and the tutorial's subsets use `CT-0` with `CT-1` or `CT-23`.
 Label 0 is `CT-0`, label 1 any other `CT-k`. The grade folder name is kept for severity work.
 
-A scan is a NIfTI file or a DICOM series (`preprocess.series`) anywhere below a class folder.
+A scan is a NIfTI file or a DICOM series (`preprocess.finding.series`) anywhere below a class folder.
 A series' id is `<class>/<its folder below the class folder>`, or `<class>/<SeriesInstanceUID>`
 when that folder is not the series' alone (several series in it, one series over several
 folders, files directly in the class folder).
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import UserError
-from preprocess.series import Series, group_series, looks_like_dicom, require_pydicom, series_name
+from preprocess.finding.series import Series, group_series, looks_like_dicom, require_pydicom, series_name
 
 CLASS_FOLDER = re.compile(r"^CT-(\d+)$")
 SCAN_SUFFIXES = (".nii.gz", ".nii")

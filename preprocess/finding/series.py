@@ -3,7 +3,7 @@
 A file is taken for DICOM if its name ends in `.dcm` or it carries the `DICM` marker after the
 128-byte preamble; anything else (a README, a spreadsheet) is not looked at. Only the header
 is read here (pydicom, pixels skipped); the worker reads and checks the whole series
-(`preprocess.dicom`). A file whose header cannot be read joins the series of its folder when
+(`preprocess.reading.dicom`). A file whose header cannot be read joins the series of its folder when
 that folder holds exactly one, so the series fails with the file named rather than being built
 one slice short; elsewhere it is refused on its own.
 """
