@@ -172,7 +172,6 @@ def assess(members, task, volume: np.ndarray, stats, scan: str):
         if sd > SPREAD_LIMIT:
             reasons.append(f"the {len(members)} fold models disagree (sd {100 * sd:.0f} points, "
                            f"{100 * of_predicted.min():.0f}-{100 * of_predicted.max():.0f}%)")
-            in_distribution = in_distribution if in_distribution is not None else True
     if reasons:
         in_distribution = False
     prediction = Prediction(scan, calibrated=all(member.calibration is not None for member in members),
