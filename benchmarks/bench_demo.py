@@ -11,7 +11,7 @@ of `make demo` within 5 minutes on a 2-core AVX2 CPU. Runs are real processes, k
 finished run is read, not repeated (its seconds are read from its log).
 
     make demo   # once: the phantoms and the four unseen ones
-    python benchmarks/bench_demo.py [--arms 64x16-e12 64x16-e8 ...] [--seeds 3] [--out runs/bench_demo]   # ~25 min an arm
+    python benchmarks/bench_demo.py [--arms 64x16-e12 64x16-w0.5-e16 ...] [--seeds 3] [--out runs/bench_demo]   # 10-25 min an arm
 """
 from __future__ import annotations
 
@@ -36,9 +36,12 @@ ARMS = {  # name: (cache shape, fit flags beyond the demo's)
     "64x16-e7": ((64, 64, 16), ["--epochs", "7"]),
     "64x16-e8": ((64, 64, 16), ["--epochs", "8"]),
     "64x16-e10": ((64, 64, 16), ["--epochs", "10"]),
-    "64x16-e12": ((64, 64, 16), ["--epochs", "12"]),
+    "64x16-e12": ((64, 64, 16), ["--epochs", "12"]),  # the demo before --width
     "48x16-e12": ((48, 48, 16), ["--epochs", "12"]),
     "48x16-e10": ((48, 48, 16), ["--epochs", "10"]),
+    "64x16-w0.5-e12": ((64, 64, 16), ["--epochs", "12", "--width", "0.5"]),
+    "64x16-w0.5-e16": ((64, 64, 16), ["--epochs", "16", "--width", "0.5"]),  # the demo since --width
+    "64x16-w0.5-e16-lr6e-4": ((64, 64, 16), ["--epochs", "16", "--width", "0.5", "--lr", "6e-4"]),
 }
 
 
@@ -58,7 +61,7 @@ def degenerate_epochs(run_dir: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arms", nargs="+", default=["64x16-e12", "64x16-e8", "64x16-e7", "48x16-e12"],
+    parser.add_argument("--arms", nargs="+", default=["64x16-e12", "64x16-w0.5-e16", "64x16-w0.5-e12"],
                         choices=sorted(ARMS))
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (0 .. N-1)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_demo", help="runs (kept)")

@@ -1,7 +1,8 @@
 """Can the predictions be trusted? Calibration, false flags and detection of unlike scans, over seeds.
 
-For each set and seed it trains the demo's configuration (64 x 64 x 16, --padding same,
---pooling avgmax, 12 epochs, default recipe) with a real `python -m train fit`, then runs a real
+For each set and seed it trains the demo's configuration as it was when this was measured (64 x 64
+x 16, --padding same, --pooling avgmax, 12 epochs, the full-width network, default recipe; the demo
+is now --width 0.5 for 16 epochs) with a real `python -m train fit`, then runs a real
 `python -m train predict --json` on scans the model never saw, and prints mean ± sd over seeds:
 
 - ECE (equal-count bins of the predicted class's confidence) on the test split, before and after
@@ -179,7 +180,7 @@ def time_checks(run_dir: Path, scans: list[Path], repeats: int = 3) -> dict[str,
     from preprocess.reading.nifti import open_scan
     from preprocess.reading.scan_stats import StatsAccumulator, hard_problems
     from preprocess.reading.transform import SLAB_SLICES, preprocess_scan
-    from train.loop.native_logs import load_tensorflow
+    from train.tensorflow_import import load_tensorflow
 
     load_tensorflow()
     from train.trust.served import load_served, open_configs
@@ -223,7 +224,7 @@ def main() -> None:
     out = arguments.out
     out.mkdir(parents=True, exist_ok=True)
     print_machine()
-    print(f"demo configuration: {'x'.join(map(str, SHAPE))}, {EPOCHS} epochs, avgmax pooling; {arguments.seeds} seeds; "
+    print(f"configuration: {'x'.join(map(str, SHAPE))}, {EPOCHS} epochs, width 1, avgmax pooling; {arguments.seeds} seeds; "
           f"{UNSEEN} unseen phantoms per set, {UNLIKE} of each kind of unlike scan (realct: 3)", flush=True)
     timed_run = None
     for name in arguments.sets:

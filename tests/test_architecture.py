@@ -26,6 +26,7 @@ MAX_LINES = 300
 FAST_MODULES = (
     "train.__main__", "train.options", "train.network.tasks", "train.network.architecture",
     "train.rundir.layout", "train.rundir.listing", "train.rundir.table", "train.rundir.folders",
+    "train.network.precision", "train.tensorflow_import", "train.hardware",
     "preprocess.__main__",
 )
 

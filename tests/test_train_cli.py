@@ -16,7 +16,7 @@ from train.__main__ import main, make_parser
 COMMANDS = {
     "fit": ["--run-dir", "--epochs", "--batch-size", "--lr", "--patience", "--seed", "--padding", "--precision",
             "--recipe", "--schedule", "--warmup-epochs", "--bn-momentum", "--precise-bn-scans", "--pooling",
-            "--resume", "--quiet"],
+            "--width", "--resume", "--quiet"],
     "evaluate": ["--split"],
     "predict": ["--json"],
     "bench-input": ["--samples", "--batch-size"],
@@ -93,6 +93,8 @@ def test_a_run_directory_without_a_model_in_a_real_process(tmp_path, tiny_cache)
     (["--batch-size", "two"], "--batch-size"),
     (["--lr", "0"], "--lr"),
     (["--padding", "full"], "--padding"),
+    (["--width", "0"], "--width"),
+    (["--width", "8"], "--width"),
 ])
 def test_bad_fit_flags_exit_2_with_one_line(tiny_cache, arguments, fragment, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -198,6 +198,19 @@ def test_resume_refuses_changed_options_and_another_cache(trained_run, tiny_cach
         fit_model(tiny_options(other_window_cache, run_dir, resume=True))
 
 
+def test_width_trains_a_narrower_network_that_the_run_records_and_a_resume_keeps(tiny_cache, tmp_path):
+    from train.rundir.models import load_trained_model
+
+    run_dir = tmp_path / "narrow"
+    fit_model(tiny_options(tiny_cache, run_dir, epochs=1, width=0.25))
+    model = load_trained_model(model_path(run_dir))
+    assert [model.get_layer(f"conv{index}").filters for index in range(1, 5)] == [16, 16, 32, 64]
+    assert model.get_layer("dense").units == 128
+    assert json.loads((run_dir / "config.json").read_text())["options"]["width"] == 0.25
+    with pytest.raises(UserError, match="--width 0.25 in the run, 1.0 now"):
+        fit_model(tiny_options(tiny_cache, run_dir, epochs=2, resume=True))
+
+
 def test_resuming_a_finished_run_trains_nothing_and_keeps_its_test_metrics(trained_run, tiny_cache, tmp_path):
     run_dir = Path(shutil.copytree(trained_run, tmp_path / "run"))
     before = (run_dir / "metrics.json").read_bytes(), (run_dir / "history.csv").read_bytes()

@@ -8,7 +8,7 @@ keras = pytest.importorskip("keras")
 
 from common.errors import UserError  # noqa: E402
 from train.network.architecture import (  # noqa: E402
-    check_input_shape, feature_map_sizes, forward_flops, minimum_axis_size, training_step_flops,
+    TUTORIAL, check_input_shape, feature_map_sizes, forward_flops, minimum_axis_size, scaled, training_step_flops,
 )
 from train.network.model import build_model  # noqa: E402
 from train.rundir.models import load_trained_model  # noqa: E402
@@ -95,3 +95,15 @@ def test_forward_flops_count_every_multiply_add_of_the_built_model(shape, paddin
     flops = forward_flops(shape, padding, pooling=pooling)
     assert flops == expected
     assert training_step_flops(shape, padding, 3, pooling=pooling) == 3 * (3 * sum(expected.values()) - expected["conv1"])
+
+
+def test_width_scales_every_layer_and_the_convolutions_flops_by_its_square():
+    assert scaled(1.0) == TUTORIAL
+    half = scaled(0.5)
+    assert (half.block_filters, half.dense_units) == ((32, 32, 64, 128), 256)
+    model = build_model(TINY, padding="same", architecture=half, pooling="avgmax")
+    assert [model.get_layer(f"conv{index}").filters for index in range(1, 5)] == [32, 32, 64, 128]
+    full, narrow = forward_flops(TINY, "same", pooling="avgmax"), forward_flops(TINY, "same", half, pooling="avgmax")
+    assert narrow["conv1"] * 2 == full["conv1"]  # one input channel: only the output halves
+    assert all(narrow[name] * 4 == full[name] for name in ("conv2", "conv3", "conv4", "dense"))
+    assert scaled(0.125).block_filters == (8, 8, 16, 32)

@@ -77,7 +77,7 @@ def test_the_table_lists_every_run_with_its_values(tmp_path):
              best_val_auc=0.8888888955116272)
     make_run(tmp_path / "20261123-090000", created="2026-11-23T09:00:00Z", epochs=100, completed=40,
              best_epoch=25, best_val_auc=0.75, stopped_early=True, batch_size=4, learning_rate=2.5e-4, seed=7,
-             padding="same", metrics=finished(0.6, 0.55))
+             padding="same", width=0.5, metrics=finished(0.6, 0.55))
 
     runs = list_runs(tmp_path)
     rows = parse_table(format_runs_table(runs, None))
@@ -86,11 +86,11 @@ def test_the_table_lists_every_run_with_its_values(tmp_path):
     assert rows["20261122-180000"] == {
         "run": "20261122-180000", "date": "2026-11-22 18:00", "status": "finished", "cache": "aaaaaaaa",
         "task": "binary", "recipe": "tutorial", "epochs": "15/15", "batch": "2", "lr": "1e-04", "padding": "valid",
-        "seed": "0",
+        "width": "1", "seed": "0",
         "val_auc": "0.8889", "test_auc": "0.7531", "test_acc": "0.6667"}
     second = rows["20261123-090000"]
-    assert (second["status"], second["epochs"], second["batch"], second["lr"], second["padding"], second["seed"]) \
-        == ("stopped early", "40/100", "4", "2.5e-04", "same", "7")
+    assert (second["status"], second["epochs"], second["batch"], second["lr"], second["padding"], second["width"],
+            second["seed"]) == ("stopped early", "40/100", "4", "2.5e-04", "same", "0.5", "7")
     assert (second["val_auc"], second["test_auc"], second["test_acc"]) == ("0.7500", "0.6000", "0.5500")
     assert "strategy" not in rows["20261122-180000"] and "kappa" not in rows["20261122-180000"]
 

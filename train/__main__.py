@@ -16,10 +16,12 @@ from common.cli import (  # noqa: E402
 )
 from preprocess.cache.schema import SPLIT_NAMES  # noqa: E402
 from train.loop.distribute import STRATEGIES  # noqa: E402
+from train.network.architecture import MAX_WIDTH, MIN_WIDTH  # noqa: E402
+from train.network.precision import PRECISIONS  # noqa: E402
 from train.network.tasks import TASKS  # noqa: E402
 from train.rundir.listing import COLUMNS as RUN_COLUMNS  # noqa: E402
 from train.options import (  # noqa: E402
-    KEEPS, MAX_BENCH_SAMPLES, MAX_LEARNING_RATE, MIN_LEARNING_RATE, PADDINGS, POOLINGS, PRECISIONS, RECIPES,
+    KEEPS, MAX_BENCH_SAMPLES, MAX_LEARNING_RATE, MIN_LEARNING_RATE, PADDINGS, POOLINGS, RECIPES,
     SCHEDULES, WHOLE_NUMBER_RANGES, FitOptions,
 )
 
@@ -154,6 +156,9 @@ def add_fit_arguments(parser, run_dir_help: str, resume_help: str) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--padding", choices=PADDINGS, default=DEFAULTS.padding,
                        help="convolution padding: 'valid' (the tutorial's) needs >= 46 voxels per axis")
+    model.add_argument("--width", type=within(positive_float, MIN_WIDTH, MAX_WIDTH), default=DEFAULTS.width,
+                       metavar="W", help="every layer's width (filters, dense units) times W: 1 is the tutorial's "
+                       "network (64, 64, 128, 256 filters); 0.5 trains about 2.6x faster on a CPU")
     model.add_argument("--pooling", choices=POOLINGS, default=DEFAULTS.pooling,
                        help="global pooling before the dense head (avgmax: both, concatenated); "
                        "from the recipe%(default).0s")
@@ -212,7 +217,7 @@ def fit_options_of(arguments) -> FitOptions:
         warmup_epochs=arguments.warmup_epochs, bn_momentum=arguments.bn_momentum,
         precise_bn_scans=arguments.precise_bn_scans, pooling=arguments.pooling, keep=arguments.keep,
         patience=arguments.patience,
-        seed=arguments.seed, padding=arguments.padding, precision=arguments.precision, strategy=arguments.strategy,
+        seed=arguments.seed, padding=arguments.padding, width=arguments.width, precision=arguments.precision, strategy=arguments.strategy,
         task=arguments.task, resume=arguments.resume, quiet=arguments.quiet,
     )
 

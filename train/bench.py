@@ -10,7 +10,7 @@ from pathlib import Path
 from common.errors import UserError
 from common.processes import peak_rss_bytes
 from preprocess.cache import CacheReader
-from train.loop.native_logs import load_tensorflow
+from train.tensorflow_import import load_tensorflow
 from train.options import MAX_BENCH_SAMPLES, WHOLE_NUMBER_RANGES
 
 log = logging.getLogger(__name__)

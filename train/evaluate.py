@@ -8,7 +8,7 @@ import numpy as np
 
 from common.errors import UserError
 from preprocess.cache import CacheReader
-from train.loop.native_logs import load_tensorflow
+from train.tensorflow_import import load_tensorflow
 from train.network.tasks import Task, class_indices, task_from_config
 from train.rundir.layout import RELIABILITY, ROC_CURVE
 

@@ -18,8 +18,9 @@ from common.errors import UserError
 from common.files import read_json, write_json_atomically
 from preprocess.cache import CacheReader
 from train.loop.distribute import ClusterRole, read_cluster_role
-from train.loop.native_logs import load_tensorflow
+from train.tensorflow_import import load_tensorflow
 from train.network.architecture import check_input_shape
+from train.network.precision import check_precision_supported, resolve_precision
 from train.options import FitOptions, changed_options, check_fit_options, resolve_recipe
 from train.rundir.config import make_config
 from train.rundir.folders import check_new_run_dir, locked_run_dir, prepare_output_dir
@@ -56,11 +57,8 @@ def fit_model(options: FitOptions) -> FitReport:
                 raise UserError(f"{options.cache}: the {split} split is empty; rebuild the cache with "
                                 "more scans or other --val-fraction / --test-fraction")
         check_input_shape(reader.shape, options.padding)
-        if options.precision == "mixed_float16" and options.strategy != "multiworker":
+        if options.strategy != "multiworker":
             # refused before any folder is made; a multi-worker run checks once its strategy exists
-            load_tensorflow()
-            from train.loop.loop import check_precision_supported
-
             check_precision_supported(options.precision)
         if not role.is_chief:
             return fit_as_worker(options, reader, role)
@@ -87,11 +85,6 @@ def fit_model(options: FitOptions) -> FitReport:
 def resolve_auto_precision(options: FitOptions) -> FitOptions:
     """`--precision auto` decided for this machine (imports TensorFlow), before config.json records it
     and a resume compares it."""
-    if options.precision != "auto":
-        return options
-    load_tensorflow()
-    from train.network.precision import resolve_precision
-
     return replace(options, precision=resolve_precision(options.precision))
 
 
@@ -105,7 +98,6 @@ def start_strategy(options: FitOptions):
     """Import TensorFlow and create the --strategy (before any other TensorFlow op, as tf.distribute needs)."""
     load_tensorflow()
     from train.loop.distribute import make_strategy
-    from train.loop.loop import check_precision_supported
 
     strategy = make_strategy(options.strategy)
     check_precision_supported(options.precision)

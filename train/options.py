@@ -6,11 +6,12 @@ from pathlib import Path
 
 from common.errors import UserError
 from train.loop.distribute import STRATEGIES
+from train.network.architecture import MAX_WIDTH, MIN_WIDTH
+from train.network.precision import PRECISIONS
 from train.network.tasks import TASKS
 from train.rundir.layout import KEEPS
 
 PADDINGS = ("valid", "same")
-PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 SCHEDULES = ("tutorial", "cosine")
 POOLINGS = ("avg", "max", "avgmax")
 # Options a --resume may change: they do not change what the finished run computes (epochs only
@@ -70,6 +71,7 @@ class FitOptions:
     patience: int = 15  # early stopping; only with keep "best"
     seed: int = 0
     padding: str = "valid"
+    width: float = 1.0  # every layer's width times this; 1: the tutorial's network
     precision: str | None = None  # auto: mixed_bfloat16 where the hardware runs bfloat16 natively
     strategy: str = "auto"  # see train.loop.distribute
     task: str = "binary"  # see train.network.tasks
@@ -114,6 +116,9 @@ def check_fit_options(options: FitOptions) -> None:
         raise UserError(f"--pooling must be one of {', '.join(POOLINGS)}, got {options.pooling!r}")
     if options.keep not in KEEPS:
         raise UserError(f"--keep must be one of {', '.join(KEEPS)}, got {options.keep!r}")
+    width = options.width
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not MIN_WIDTH <= width <= MAX_WIDTH:
+        raise UserError(f"--width must be from {MIN_WIDTH:g} to {MAX_WIDTH:g}, got {width!r}")
     if options.padding not in PADDINGS:
         raise UserError(f"--padding must be one of {', '.join(PADDINGS)}, got {options.padding!r}")
     if options.precision not in PRECISIONS:
@@ -137,6 +142,7 @@ def changed_options(recorded: dict, options: FitOptions) -> list[str]:
     current = options.to_json()
     if "recipe" not in recorded:  # a run from before recipes existed trained with the tutorial's
         recorded = {**recorded, "recipe": "tutorial", **RECIPES["tutorial"]}
+    recorded = {"width": 1.0, **recorded}  # a run from before --width trained the tutorial's width
     return [
         f"--{name.replace('_', '-')} {recorded.get(name)!r} in the run, {current[name]!r} now"
         for name in current

@@ -42,7 +42,7 @@ from preprocess.preprocessing import Preprocessing
 from preprocess.reading.scan_stats import hard_problems
 from preprocess.reading.formats import describe_scan_failure
 from preprocess.reading.transform import preprocess_scan
-from train.loop.native_logs import load_tensorflow
+from train.tensorflow_import import load_tensorflow
 from train.network.scores import DECISION_THRESHOLD as THRESHOLD
 from train.network.tasks import task_from_config
 from train.trust.ood import CHECKS

@@ -10,6 +10,7 @@ import numpy as np
 
 from common.errors import UserError
 from preprocess.cache.schema import SplitOptions
+from preprocess.finding.sources import NORMAL_CLASS
 from preprocess.preprocessing import Preprocessing
 
 MAX_SHAPE = 1024
@@ -36,7 +37,7 @@ class BuildOptions:
     strict: bool = False
     quiet: bool = False
     labels: Path | None = None  # a `path,class` CSV instead of class folders (preprocess.finding.labels)
-    normal_class: str = "CT-0"  # the class whose scans get label 0
+    normal_class: str = NORMAL_CLASS  # the class whose scans get label 0
 
     @property
     def preprocessing(self) -> Preprocessing:

@@ -18,7 +18,9 @@ from pathlib import Path, PurePosixPath
 
 from common.errors import UserError
 from preprocess.finding.series import group_series, looks_like_dicom, require_pydicom
-from preprocess.finding.sources import Source, scan_stem, series_fingerprint
+from preprocess.finding.sources import (
+    Source, is_scan_file, label_for_class, nifti_source, scan_stem, series_source, visible_files,
+)
 
 COLUMNS = ("path", "class")
 
@@ -102,13 +104,11 @@ def find_labelled_sources(raw: Path, labels: Path, normal_class: str) -> Labelle
     sources: dict[str, Source] = {}
     refused: list[tuple[Path, str]] = []
     for row in rows:
-        label = 0 if row.class_name == normal_class else 1
+        label = label_for_class(row.class_name, normal_class)
         target = raw / row.path
         if target.is_file():
-            stat = target.stat()
-            made = [Source(path=target, relative_path=row.path, scan_id=row.path[: len(row.path) - len(target.name)]
-                           + scan_stem(target.name), class_name=row.class_name, label=label, size=stat.st_size,
-                           mtime_ns=stat.st_mtime_ns)]
+            scan_id = row.path[: len(row.path) - len(target.name)] + scan_stem(target.name)
+            made = [nifti_source(raw, target, scan_id, row.class_name, label)]
         else:
             made, refused_files = _folder_sources(raw, target, row, label, labels)
             refused.extend(refused_files)
@@ -118,13 +118,12 @@ def find_labelled_sources(raw: Path, labels: Path, normal_class: str) -> Labelle
                                 f"{sources[source.scan_id].relative_path}")
             sources[source.scan_id] = source
     listed = {row.path for row in rows}
-    unlisted = sum(1 for path in raw.rglob("*") if _is_scan_file(path) and not _covered(path, raw, listed))
+    unlisted = sum(1 for path in visible_files(raw) if is_scan_file(path) and not _covered(path, raw, listed))
     return LabelledSources(sorted(sources.values(), key=lambda source: source.scan_id), refused, unlisted, sha256)
 
 
 def _folder_sources(raw: Path, folder: Path, row: LabelRow, label: int, labels: Path):
-    files = [path for path in sorted(folder.rglob("*"))
-             if path.is_file() and not path.name.startswith(".") and looks_like_dicom(path)]
+    files = [path for path in visible_files(folder) if looks_like_dicom(path)]
     if not files:
         raise UserError(f"{labels}: row {row.line}: {row.path} holds no DICOM files")
     require_pydicom(files[0])
@@ -134,15 +133,8 @@ def _folder_sources(raw: Path, folder: Path, row: LabelRow, label: int, labels: 
     made = []
     for one in series:
         name = row.path if len(series) == 1 else f"{row.path}/{one.uid}"
-        size, stamp = series_fingerprint(one.files, raw)
-        made.append(Source(path=folder, relative_path=name, scan_id=name, class_name=row.class_name, label=label,
-                           size=size, mtime_ns=stamp, series_files=one.files))
+        made.append(series_source(raw, folder, name, name, row.class_name, label, one))
     return made, refused
-
-
-def _is_scan_file(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and (scan_stem(path.name) is not None
-                                                                 or looks_like_dicom(path))
 
 
 def _covered(path: Path, raw: Path, listed: set[str]) -> bool:

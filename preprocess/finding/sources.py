@@ -1,4 +1,6 @@
-"""Find the scans under a raw folder and read their labels from the MosMedData layout.
+"""Find the scans under a raw folder and read their labels from the MosMedData layout; the one
+home of what a scan file is and how a path becomes a `Source` (`preprocess.finding.labels` finds
+them from a labels file instead, with the same functions).
 
 MosMedData keeps one folder per severity grade, `CT-0` (normal) to `CT-4`; the full release
 nests them under `studies/`, and the tutorial's subsets use `CT-0` with `CT-1` or `CT-23`.
@@ -22,6 +24,7 @@ from preprocess.finding.series import Series, group_series, looks_like_dicom, re
 
 CLASS_FOLDER = re.compile(r"^CT-(\d+)$")
 SCAN_SUFFIXES = (".nii.gz", ".nii")
+NORMAL_CLASS = "CT-0"
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,35 @@ def scan_stem(name: str) -> str | None:
     return None
 
 
-def label_for_class(class_name: str) -> int:
-    """0 for normal (`CT-0`), 1 for any finding of viral pneumonia (`CT-1` ... `CT-4`, `CT-23`)."""
-    return 0 if class_name == "CT-0" else 1
+def visible_files(folder: Path):
+    """Every file below `folder`, sorted, but hidden ones (a name starting with a dot)."""
+    return (path for path in sorted(folder.rglob("*")) if not path.name.startswith(".") and path.is_file())
+
+
+def is_scan_file(path: Path) -> bool:
+    """Whether a visible file is a scan or part of one: a NIfTI file name, or a DICOM file."""
+    return scan_stem(path.name) is not None or looks_like_dicom(path)
+
+
+def label_for_class(class_name: str, normal_class: str = NORMAL_CLASS) -> int:
+    """0 for the normal class (`CT-0` unless a labels file names another), 1 for any other: a
+    finding of viral pneumonia (`CT-1` ... `CT-4`, `CT-23`)."""
+    return 0 if class_name == normal_class else 1
+
+
+def nifti_source(raw: Path, path: Path, scan_id: str, class_name: str, label: int) -> Source:
+    """A NIfTI file under `raw` as a scan, fingerprinted by its size and mtime."""
+    stat = path.stat()
+    return Source(path=path, relative_path=path.relative_to(raw).as_posix(), scan_id=scan_id, class_name=class_name,
+                  label=label, size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+
+
+def series_source(raw: Path, folder: Path, relative_path: str, scan_id: str, class_name: str, label: int,
+                  series: Series) -> Source:
+    """A DICOM series under `raw` as a scan, fingerprinted by all its files."""
+    size, stamp = series_fingerprint(series.files, raw)
+    return Source(path=folder, relative_path=relative_path, scan_id=scan_id, class_name=class_name, label=label,
+                  size=size, mtime_ns=stamp, series_files=series.files)
 
 
 def find_sources(raw: Path) -> tuple[list[Source], list[tuple[Path, str]]]:
@@ -65,9 +94,7 @@ def find_sources(raw: Path) -> tuple[list[Source], list[tuple[Path, str]]]:
     found: dict[str, Source] = {}
     refused: list[tuple[Path, str]] = []
     dicom_files: dict[Path, list[Path]] = {}  # class folder -> candidate DICOM files below it
-    for path in sorted(raw.rglob("*")):
-        if path.name.startswith(".") or not path.is_file():
-            continue
+    for path in visible_files(raw):
         parts = path.relative_to(raw).parts[:-1]
         depth = next((index for index in range(len(parts) - 1, -1, -1) if CLASS_FOLDER.match(parts[index])), None)
         if depth is None:
@@ -82,18 +109,13 @@ def find_sources(raw: Path) -> tuple[list[Source], list[tuple[Path, str]]]:
         if scan_id in found:
             refused.append((path, f"duplicate scan id {scan_id} (also {found[scan_id].relative_path})"))
             continue
-        stat = path.stat()
-        found[scan_id] = Source(
-            path=path, relative_path=path.relative_to(raw).as_posix(), scan_id=scan_id,
-            class_name=class_folder, label=label_for_class(class_folder),
-            size=stat.st_size, mtime_ns=stat.st_mtime_ns,
-        )
+        found[scan_id] = nifti_source(raw, path, scan_id, class_folder, label_for_class(class_folder))
     for class_path, files in sorted(dicom_files.items()):
         require_pydicom(files[0])
         series, refused_files = group_series(files)
         refused.extend(refused_files)
         for one in series:
-            source = series_source(raw, class_path, one, series)
+            source = class_series_source(raw, class_path, one, series)
             if source.scan_id in found:
                 refused.append((one.files[0], f"duplicate scan id {source.scan_id} (also "
                                               f"{found[source.scan_id].relative_path})"))
@@ -104,8 +126,8 @@ def find_sources(raw: Path) -> tuple[list[Source], list[tuple[Path, str]]]:
     return sorted(found.values(), key=lambda source: source.scan_id), refused
 
 
-def series_source(raw: Path, class_path: Path, series: Series, neighbours: list[Series]) -> Source:
-    """A DICOM series as a scan: its id, its path in the cache, and a fingerprint of all its files."""
+def class_series_source(raw: Path, class_path: Path, series: Series, neighbours: list[Series]) -> Source:
+    """A DICOM series in a class folder as a scan: its id (see the module's docstring) and its path."""
     class_name = class_path.name
     folder_name = series_name(series, neighbours, class_path)
     if folder_name is not None:
@@ -116,9 +138,7 @@ def series_source(raw: Path, class_path: Path, series: Series, neighbours: list[
         scan_id = f"{class_name}/{series.uid}"
         folder = Path(os.path.commonpath([str(path.parent) for path in series.files]))
         relative_path = f"{folder.relative_to(raw).as_posix()}/{series.uid}"
-    size, stamp = series_fingerprint(series.files, raw)
-    return Source(path=folder, relative_path=relative_path, scan_id=scan_id, class_name=class_name,
-                  label=label_for_class(class_name), size=size, mtime_ns=stamp, series_files=series.files)
+    return series_source(raw, folder, relative_path, scan_id, class_name, label_for_class(class_name), series)
 
 
 def series_fingerprint(files: tuple[Path, ...], raw: Path) -> tuple[int, int]:

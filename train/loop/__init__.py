@@ -1,2 +1,2 @@
 """The training loop: Keras fit (loop), committing epochs (recorder), distribution, TensorBoard
-events, PreciseBN, and a quiet TensorFlow import (native_logs)."""
+events and PreciseBN."""

@@ -19,7 +19,9 @@ from train.pipeline.data import (
 from train.loop.events import ScalarEventLogger
 from train.loop.precise_bn import PreciseBatchNorm, precise_bn_rows
 from train.loop.recorder import RunRecorder, set_random_generator_states
+from train.network.architecture import scaled
 from train.network.model import build_model
+from train.network.precision import needs_loss_scaling
 from train.options import FitOptions
 from train.pipeline.folds import rows_and_classes
 from train.rundir.layout import TENSORBOARD, TrainingState
@@ -47,13 +49,6 @@ def configure_determinism(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def check_precision_supported(precision: str) -> None:
-    """Refuse float16 without a GPU: TensorFlow's CPU kernels (MaxPool3D among them) lack float16."""
-    if precision == "mixed_float16" and not tf.config.list_physical_devices("GPU"):
-        raise UserError("--precision mixed_float16 needs a GPU (TensorFlow has no float16 MaxPool3D on CPU); "
-                        "use mixed_bfloat16 on CPUs")
-
-
 def make_schedule(options: FitOptions, steps_per_epoch: int) -> keras.optimizers.schedules.LearningRateSchedule:
     """The learning rate per step: the tutorial's staircase decay (x0.96 every 100,000 steps, which a run
     of a few thousand steps never reaches), or a linear warm-up then a cosine decay over --epochs.
@@ -76,15 +71,15 @@ def make_schedule(options: FitOptions, steps_per_epoch: int) -> keras.optimizers
 def make_optimizer(options: FitOptions, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     """Adam on `make_schedule`'s rates, with loss scaling for float16."""
     optimizer = keras.optimizers.Adam(learning_rate=make_schedule(options, steps_per_epoch))
-    if options.precision == "mixed_float16":
-        # float16 gradients underflow without loss scaling; bfloat16 has float32's range
+    if needs_loss_scaling(options.precision):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 
 
 def make_compiled_model(input_shape, options: FitOptions, task: Task, steps_per_epoch: int) -> keras.Model:
     model = build_model(tuple(input_shape), padding=options.padding, precision=options.precision,
-                        classes=task.output_units, bn_momentum=options.bn_momentum, pooling=options.pooling)
+                        architecture=scaled(options.width), classes=task.output_units,
+                        bn_momentum=options.bn_momentum, pooling=options.pooling)
     model.compile(
         optimizer=make_optimizer(options, steps_per_epoch),
         loss=make_loss(task),

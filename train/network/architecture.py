@@ -1,7 +1,7 @@
 """The network's shape arithmetic, kept free of TensorFlow so bad shapes are refused instantly."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from common.errors import UserError
 
@@ -18,6 +18,21 @@ class Architecture:
 
 
 TUTORIAL = Architecture()
+# --width: a multiplier on every layer's width. The range keeps at least 8 filters in the first
+# block at the low end and the network within a few GB of float32 weights at the high end.
+MIN_WIDTH, MAX_WIDTH = 0.125, 4.0
+
+
+def scaled(width: float, architecture: Architecture = TUTORIAL) -> Architecture:
+    """`architecture` with every block's filters and the dense units times `width` (at least 1 each).
+
+    A training step's cost scales with width squared: half the width is about a third of the
+    step on a CPU (docs/performance.md). width 1 is the tutorial's network exactly.
+    """
+    if width == 1:
+        return architecture
+    return replace(architecture, block_filters=tuple(max(1, round(f * width)) for f in architecture.block_filters),
+                   dense_units=max(1, round(architecture.dense_units * width)))
 
 
 def feature_map_sizes(size: int, padding: str, architecture: Architecture = TUTORIAL) -> list[int]:

@@ -24,8 +24,8 @@ from train.rundir.layout import CONFIG, METRICS, kept_model_name, read_state, ru
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("run", "date", "status", "cache", "task", "recipe", "epochs", "batch", "lr", "padding", "seed", "strategy",
-           "val_auc", "test_auc", "test_acc", "kappa")
+COLUMNS = ("run", "date", "status", "cache", "task", "recipe", "epochs", "batch", "lr", "padding", "width", "seed",
+           "strategy", "val_auc", "test_auc", "test_acc", "kappa")
 DESCENDING_BY_DEFAULT = ("date", "val_auc", "test_auc", "test_acc", "kappa")  # best or newest first
 OPTIONAL_COLUMNS = ("strategy", "kappa")  # left out of the table when no run has a value
 DATE_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -50,6 +50,7 @@ class RunSummary:
     batch_size: int | None = None
     learning_rate: float | None = None
     padding: str | None = None
+    width: float | None = None  # --width; 1 for runs from before it
     seed: int | None = None
     strategy: str | None = None
     best_epoch: int | None = None
@@ -157,6 +158,7 @@ def _config_values(config: dict) -> dict:
         "batch_size": _whole(options.get("batch_size")),
         "learning_rate": _real(options.get("learning_rate")),
         "padding": _text(options.get("padding")),
+        "width": _real(options.get("width", 1.0)),  # a run from before --width trained width 1
         "seed": _whole(options.get("seed")),
         "strategy": _text(options.get("strategy")),
     }
@@ -206,6 +208,7 @@ _SORT_KEYS = {
     "batch": lambda run: run.batch_size,
     "lr": lambda run: run.learning_rate,
     "padding": lambda run: run.padding,
+    "width": lambda run: run.width,
     "seed": lambda run: run.seed,
     "strategy": lambda run: run.strategy,
     "val_auc": lambda run: run.best_val_auc,

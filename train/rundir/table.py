@@ -54,6 +54,7 @@ def _row_cells(run: RunSummary) -> dict[str, str]:
         "batch": plain(run.batch_size),
         "lr": "-" if run.learning_rate is None else format_learning_rate(run.learning_rate),
         "padding": plain(run.padding),
+        "width": "-" if run.width is None else f"{run.width:g}",
         "seed": plain(run.seed),
         "strategy": plain(run.strategy),
         "val_auc": number(run.best_val_auc),
