@@ -26,8 +26,9 @@ MIN_WIDTH, MAX_WIDTH = 0.125, 4.0
 def scaled(width: float, architecture: Architecture = TUTORIAL) -> Architecture:
     """`architecture` with every block's filters and the dense units times `width` (at least 1 each).
 
-    A training step's cost scales with width squared: half the width is about a third of the
-    step on a CPU (docs/performance.md). width 1 is the tutorial's network exactly.
+    Every convolution but the first (one input channel) does about width² as many operations; on
+    a CPU half the width measured a third of the step (docs/performance.md). Width 1 is the
+    tutorial's network exactly.
     """
     if width == 1:
         return architecture
