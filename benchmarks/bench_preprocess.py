@@ -5,7 +5,11 @@ Compares, on synthetic 512 x 512 x (30-60) int16 .nii.gz scans (the size of MosM
     ndimage.rotate by 90 degrees with its default cubic spline, ndimage.zoom order 1), one process;
   - gzip inflation alone (the floor for any reader of .nii.gz), one process;
   - `preprocess build --jobs 1` and `--jobs 2` end to end (read, preprocess, write HDF5);
-  - the build's peak memory (parent process) for N and 4N scans, which must not grow.
+  - the build's peak memory (parent process) for N and 4N scans, which must not grow;
+  - the lung search alone (`preprocess.reading.lungs`: a subsampled copy of the HU, its
+    components, the box) against the whole per-scan transform with and without the crop, one
+    process, best of --repeats: issue 30's cost target is the search within 10% of a scan's
+    preprocessing time.
 
     python benchmarks/bench_preprocess.py [--scans 12] [--repeats 3] [--keep DIR]
 """
@@ -25,7 +29,10 @@ from scipy import ndimage
 
 from preprocess.engine.build import BuildOptions, build_cache
 from preprocess.phantoms.synth import write_synthetic_archive
+from preprocess.reading.formats import open_any_scan
+from preprocess.reading.lungs import find_lungs, in_plane_stride
 from preprocess.reading.nifti import read_scan_bytes
+from preprocess.reading.transform import preprocess_scan
 
 
 def tutorial_process_scan(path: Path) -> np.ndarray:
@@ -44,6 +51,29 @@ def seconds_per_scan(function, paths) -> float:
     for path in paths:
         function(path)
     return (time.perf_counter() - start) / len(paths)
+
+
+def lung_search(path: Path):
+    """What the transform adds to find the lungs: the subsampled HU and the search (the file is read anyway)."""
+    scan = open_any_scan(path)
+    stride = in_plane_stride(scan.stored.shape)
+    return find_lungs(scan.hounsfield(stride=stride), stride, scan.stored.shape, scan.info.spacing_mm)
+
+
+def lung_rows(paths, repeats: int) -> list[tuple[str, float]]:
+    """Seconds per scan, best of `repeats`, taking turns: the search alone, and the transform each way."""
+    functions = {
+        "lung search alone (open + subsampled HU + find_lungs)": lung_search,
+        "open alone (read, inflate, check the header)": open_any_scan,
+        "preprocess_scan --crop none, 1 process": lambda path: preprocess_scan(path, (128, 128, 64), -1000, 400),
+        "preprocess_scan --crop lungs, 1 process": lambda path: preprocess_scan(path, (128, 128, 64), -1000, 400,
+                                                                                crop="lungs"),
+    }
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            times[name].append(seconds_per_scan(function, paths))
+    return [(name, min(values)) for name, values in times.items()]
 
 
 def build_seconds_per_scan(raw: Path, out: Path, configurations: list[tuple[int, str]], count: int,
@@ -107,6 +137,9 @@ def main() -> None:
             paths = write_synthetic_archive(raw, half, arguments.scans - half, size=512, seed=0, progress=False)
         depths = [nib.load(path).shape[2] for path in paths]
         megabytes = sum(path.stat().st_size for path in paths) / len(paths) / 1e6
+        from train.hardware import cpu_flags, cpu_kind, cpu_model  # reads /proc/cpuinfo; no TensorFlow
+
+        print(f"{cpu_model()} ({cpu_kind(cpu_flags())})")
         print(f"{len(paths)} scans, 512 x 512 x {min(depths)}-{max(depths)} int16, "
               f"{megabytes:.1f} MB .nii.gz each, {os.cpu_count()} cores")
         out = Path(scratch) / "bench.h5"
@@ -121,6 +154,7 @@ def main() -> None:
             ("preprocess build --jobs 2", builds[(2, "loky")]),
             ("preprocess build --jobs 2 --backend threads", builds[(2, "threads")]),
         ]
+        lungs = lung_rows(paths, arguments.repeats)
         larger = link_copies(paths, Path(scratch) / "larger", 4)
         memory = [(len(paths), peak_rss_of_build(raw, out)), (4 * len(paths), peak_rss_of_build(larger, out))]
     tutorial = rows[0][1]
@@ -130,6 +164,14 @@ def main() -> None:
         print(f"| {name} | {seconds:.3f} | {1 / seconds:.1f} | {tutorial / seconds:.1f}x | {jobs_one / seconds:.2f}x |")
     print(f"(builds: best of {arguments.repeats} rounds, taking turns; the first --jobs 2 build also spent {start_up:.1f} s "
           "starting its worker processes, once per build)")
+    print()
+    print("| per-scan step, 1 process | s / scan |")
+    print("|---|---|")
+    for name, seconds in lungs:
+        print(f"| {name} | {seconds:.3f} |")
+    search = lungs[0][1] - lungs[1][1]
+    print(f"the lung search costs {search:.3f} s a scan beyond opening it: {search / lungs[3][1]:.1%} of "
+          f"preprocess_scan with the crop, {search / jobs_one:.1%} of build --jobs 1 per scan")
     print()
     print("| build --jobs 2 of | parent peak RSS |")
     print("|---|---|")

@@ -8,7 +8,7 @@ from common.cli import (
     ArgumentParser, HelpFormatter, configure_logging, finite_float, fraction, non_negative_int, positive_float, positive_int,
     run_command,
 )
-from preprocess.engine.options import BACKENDS, BuildOptions
+from preprocess.engine.options import BACKENDS, CROPS, BuildOptions
 
 PROG = "python -m preprocess"
 DEFAULTS = BuildOptions()
@@ -36,6 +36,10 @@ def make_parser() -> ArgumentParser:
     build.add_argument("--jobs", type=positive_int, default=DEFAULTS.jobs, help="parallel worker processes (all cores by default)")
     build.add_argument("--shape", type=positive_int, nargs=3, metavar=("H", "W", "D"), default=DEFAULTS.shape,
                        help="target volume shape: in-plane H W, then D slices")
+    build.add_argument("--crop", choices=CROPS, default=DEFAULTS.crop,
+                       help="lungs: find each scan's lungs and keep only their box (plus a 10%% margin) before "
+                       "resizing, so a small lesion keeps more voxels; a scan without lungs fails. none: the "
+                       "whole field of view, as the Keras tutorial")
     build.add_argument("--hu-window", type=finite_float, nargs=2, metavar=("LOW", "HIGH"),
                        default=DEFAULTS.hu_window, help="Hounsfield window clipped and scaled to [0, 1]")
     build.add_argument("--seed", type=non_negative_int, default=DEFAULTS.seed, help="seed of the train/val/test split")
@@ -71,6 +75,10 @@ def make_parser() -> ArgumentParser:
     synth.add_argument("--grades", type=int, nargs="+", metavar="GRADE", default=None,
                        help="severity grades 1-4 dealt round robin to the abnormal scans, e.g. --grades 1 2 3 4 "
                        "(default: ungraded lesions of any extent, all in CT-1)")
+    synth.add_argument("--involvement", type=finite_float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                       help="the lesions' share of the lung, in percent, drawn log-uniformly between LOW and HIGH "
+                       "for each abnormal scan, e.g. --involvement 0.1 1 for mild CT-1 findings (the range must "
+                       "lie inside one grade's; the scans go to that grade's folder)")
     synth.add_argument("--seed", type=non_negative_int, default=0, help="seed of the phantoms")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -96,6 +104,9 @@ def make_parser() -> ArgumentParser:
     which.add_argument("--index", type=non_negative_int, help="row number in the cache")
     which.add_argument("--scan-id", help='scan id, e.g. "CT-1/study_0012"')
     show.add_argument("--out", type=Path, default=None, help="PNG path (default: <scan id>.png here)")
+    show.add_argument("--raw", type=Path, default=None, metavar="FOLDER",
+                      help="the folder the cache was built from: show the whole scan with its lungs' box drawn "
+                      "on it (without: the cached volume, which is that box)")
     return parser
 
 
@@ -114,7 +125,7 @@ def run_build(arguments) -> None:
         hu_window=tuple(arguments.hu_window), seed=arguments.seed, val_fraction=arguments.val_fraction,
         test_fraction=arguments.test_fraction, scan_timeout_seconds=arguments.scan_timeout,
         backend=arguments.backend, scheduler=arguments.scheduler, force=arguments.force, strict=arguments.strict,
-        quiet=arguments.quiet, labels=arguments.labels, normal_class=arguments.normal_class,
+        quiet=arguments.quiet, labels=arguments.labels, normal_class=arguments.normal_class, crop=arguments.crop,
     )
     report = build_cache(options)
     unlisted = (f"; {report.unlisted} scan file(s) under --raw are not in --labels and were ignored"
@@ -131,8 +142,10 @@ def run_synth(arguments) -> None:
 
     slice_range = tuple(arguments.slices) if arguments.slices else None
     grades = tuple(arguments.grades) if arguments.grades else None
+    involvement = tuple(value / 100 for value in arguments.involvement) if arguments.involvement else None
     paths = write_synthetic_archive(arguments.out, arguments.normal, arguments.abnormal, arguments.size,
-                                    arguments.seed, slice_range, progress=not arguments.quiet, grades=grades)
+                                    arguments.seed, slice_range, progress=not arguments.quiet, grades=grades,
+                                    involvement=involvement)
     print(f"wrote {len(paths)} synthetic scans to {arguments.out}")
 
 
@@ -167,8 +180,37 @@ def run_show(arguments) -> None:
             row = arguments.index
         label = "abnormal" if reader.labels[row] else "normal"
         out = arguments.out or Path(scan_ids[row].replace("/", "_") + ".png")
-        save_montage(reader.read_volume(row), out, f"{scan_ids[row]} ({reader.class_names[row]}, {label})")
+        title = f"{scan_ids[row]} ({reader.class_names[row]}, {label})"
+        from preprocess.reading.lungs import describe_region
+
+        stats = reader.scan_stats()
+        box = stats[row].lung_box if stats and stats[row].has_lungs else None
+        region = describe_region(reader.preprocessing.crop, box, stats[row].scan_shape if stats else None)
+        if arguments.raw is None:
+            save_montage(reader.read_volume(row), out, f"{title}\n{region}")
+        else:
+            whole, shown_box = whole_scan_view(arguments.raw / reader.records()[row].source_path, box, reader)
+            save_montage(whole, out, f"{title}, whole scan\n{region}", box=shown_box)
     print(f"wrote {out}")
+
+
+def whole_scan_view(path: Path, box, reader):
+    """A scan's whole volume, windowed as the cache's, at most 128 pixels in-plane, and its box on that grid."""
+    from preprocess.cache import CacheError
+    from preprocess.reading.formats import describe_scan_failure, open_any_scan
+    from preprocess.reading.transform import window_volume
+
+    try:
+        scan = open_any_scan(path)
+    except Exception as error:  # the source moved, changed or cannot be read: say which and why
+        raise CacheError(f"cannot show {path}: {describe_scan_failure(error)}") from None
+    stride = max(1, -(-max(scan.stored.shape[:2]) // 128))
+    preprocessing = reader.preprocessing
+    whole = window_volume(scan.hounsfield(stride=stride), preprocessing.hu_min, preprocessing.hu_max)
+    if box is None:
+        return whole, None
+    x0, x1, y0, y1, z0, z1 = box
+    return whole, (x0 // stride, -(-x1 // stride), y0 // stride, -(-y1 // stride), z0, z1)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import UserError
+from preprocess.reading.lungs import CROPS, LUNG_METHOD
 
 MAX_VOLUME_SIDE = 4096  # voxels along one axis of a preprocessed volume; more is a damaged record
 
@@ -28,12 +29,14 @@ class Preprocessing:
     hu_max: float
     resample_method: str
     orientation: str
+    crop: str = "none"  # "lungs": each scan cropped to its lungs' box; "none" (and every cache before it): whole
+    lung_method: str = ""  # how the lungs were found (`preprocess.reading.lungs`), with crop "lungs"
 
     @classmethod
-    def of_this_code(cls, shape, hu_window) -> Preprocessing:
+    def of_this_code(cls, shape, hu_window, crop: str = "lungs") -> Preprocessing:
         """What this version of `preprocess_scan` makes with these options."""
         return cls(shape=tuple(int(n) for n in shape), hu_min=float(hu_window[0]), hu_max=float(hu_window[1]),
-                   **this_code_makes())
+                   **this_code_makes(), crop=crop, lung_method=lung_method_of_this_code(crop))
 
     def to_json(self) -> dict:
         """Plain JSON values (tuples become lists), as config.json and the cache's fingerprint store them."""
@@ -44,8 +47,12 @@ class Preprocessing:
         """The options a run's config.json records, refused (one line) unless this code makes the same volumes."""
         if not isinstance(document, dict) or not {"shape", "hu_min", "hu_max"} <= document.keys():
             raise UserError(f"{run_dir}: config.json has no preprocessing options")
-        for name, value in this_code_makes().items():
-            if document.get(name) != value:
+        crop = document.get("crop", "none")  # a run made before the lung crop was trained on whole scans
+        if crop not in CROPS:
+            raise UserError(f"{run_dir}: config.json has an unknown crop {crop!r}")
+        makes = {**this_code_makes(), "lung_method": lung_method_of_this_code(crop)}
+        for name, value in makes.items():
+            if document.get(name, "" if name == "lung_method" else None) != value:
                 raise UserError(f"{run_dir} was trained on volumes made with {name} {document.get(name)!r}; "
                                 f"this version of preprocess makes {value!r}")
         try:
@@ -56,7 +63,7 @@ class Preprocessing:
         if len(shape) != 3 or not all(1 <= n <= MAX_VOLUME_SIDE for n in shape) or not hu_min < hu_max \
                 or not math.isfinite(hu_min + hu_max):
             raise UserError(f"{run_dir}: config.json has damaged preprocessing options (shape, hu_min, hu_max)")
-        return cls.of_this_code(shape, (hu_min, hu_max))
+        return cls.of_this_code(shape, (hu_min, hu_max), crop)
 
     def differences(self, recorded: dict) -> dict[str, tuple]:
         """{option: (recorded value, this object's value)} for every option `recorded` (JSON) gives otherwise."""
@@ -70,6 +77,11 @@ def this_code_makes() -> dict[str, str]:
     from preprocess.reading.transform import RESAMPLE_METHOD  # nibabel: not for cache readers
 
     return {"resample_method": RESAMPLE_METHOD, "orientation": "".join(CANONICAL_ORIENTATION)}
+
+
+def lung_method_of_this_code(crop: str) -> str:
+    """How this version finds the lungs it crops to; "" for crop "none"."""
+    return LUNG_METHOD if crop == "lungs" else ""
 
 
 def plain_value(value):

@@ -27,6 +27,9 @@ def describe_cache(reader: CacheReader) -> str:
                            if reader.has_scan_stats else
                            f"none (a version-{reader.schema_version} cache: predict's histogram and geometry checks "
                            "are unavailable for runs trained on it; rebuild with `build --force`)"),
+        "crop         " + (f"each scan's lungs' box ({attrs.get('lung_method', '?')})"
+                           if reader.preprocessing.crop == "lungs" else "none: whole scans"),
+        "lungs        " + describe_lungs(reader),
     ]
     for name in SPLIT_NAMES:
         rows = reader.split(name)
@@ -39,3 +42,18 @@ def describe_cache(reader: CacheReader) -> str:
     lines.append(f"failures     {len(failures)}")
     lines += [f"  {failure.source_path}: {failure.reason}" for failure in failures]
     return "\n".join(lines)
+
+
+def describe_lungs(reader: CacheReader) -> str:
+    """How many scans had lungs found, one or two, and their volumes; or why the cache cannot say."""
+    if not reader.has_lungs:
+        return (f"not searched (a version-{reader.schema_version} cache, built before the lung crop: it holds "
+                "whole scans and trains as it is; `build --force` adds the lungs and the crop)")
+    stats = reader.scan_stats() or []
+    found = [item for item in stats if item.lung_count]
+    two = sum(1 for item in found if item.lung_count == 2)
+    text = f"found in {len(found)} of {len(stats)} scans (two lungs in {two}, one in {len(found) - two})"
+    if found:
+        volumes = sorted(item.lung_volume_ml for item in found)
+        text += f"; lung volume {volumes[0]:.0f}-{volumes[-1]:.0f} mL, median {volumes[len(volumes) // 2]:.0f}"
+    return text

@@ -149,7 +149,7 @@ def test_incremental_rebuild_reprocesses_only_changes(raw_copy, tmp_path):
     assert_same_content(content(out), content(fresh))
 
 
-def test_a_version_1_cache_is_read_and_rebuilt_into_version_2_with_one_line(synthetic_raw, tmp_path, capsys):
+def test_a_version_1_cache_is_read_and_rebuilt_into_the_current_version_with_one_line(synthetic_raw, tmp_path, capsys):
     import h5py
 
     out = tmp_path / "cache.h5"
@@ -169,7 +169,7 @@ def test_a_version_1_cache_is_read_and_rebuilt_into_version_2_with_one_line(synt
                  "--jobs", "1"]) == 0
     assert f"{out} is a version-1 cache (no scan statistics): rebuilding every scan" in capsys.readouterr().err
     with CacheReader(out) as reader:
-        assert reader.schema_version == SCHEMA_VERSION == 2 and reader.scan_stats() == stats
+        assert reader.schema_version == SCHEMA_VERSION == 3 and reader.scan_stats() == stats
         assert len(reader.records()) == 16
 
 
@@ -410,3 +410,89 @@ def test_build_and_predict_describe_a_scan_that_cannot_be_used_alike(tmp_path):
     assert outcome.cannot_open and outcome.volume is None
     assert describe_scan_failure(ScanError("empty file")) == "empty file"
     assert describe_scan_failure(MemoryError()) == "too large to load into memory"
+
+
+def make_version_2(out: Path) -> None:
+    """Turn a cache into what a build before the lungs wrote: no lung tables, no crop attributes."""
+    import h5py
+
+    from preprocess.cache.schema import LUNG_TABLES
+
+    with h5py.File(out, "r+") as file:
+        for name in LUNG_TABLES:
+            del file["scan_stats"][name]
+        for name in ("crop", "lung_method"):
+            del file.attrs[name]
+        file.attrs["schema_version"] = 2
+
+
+def test_the_lung_crop_is_the_default_and_recorded_per_scan(synthetic_raw, tmp_path, capsys):
+    cropped, whole = tmp_path / "lungs.h5", tmp_path / "whole.h5"
+    build(synthetic_raw, cropped)
+    build(synthetic_raw, whole, crop="none")
+    with CacheReader(cropped) as reader, CacheReader(whole) as plain:
+        assert reader.preprocessing.crop == "lungs" and plain.preprocessing.crop == "none"
+        assert reader.attributes["lung_method"].startswith("HU < -400") and plain.attributes["lung_method"] == ""
+        assert reader.fingerprint != plain.fingerprint  # the crop is part of what the arrays are
+        stats, plain_stats = reader.scan_stats(), plain.scan_stats()
+        for row, (item, source_shape) in enumerate(zip(stats, (r.source_shape for r in reader.records()))):
+            x0, x1, y0, y1, z0, z1 = item.lung_box
+            assert item.lung_count == 2 and item.lung_volume_ml > 1000
+            assert 0 <= x0 < x1 <= source_shape[0] and (x1 - x0) < source_shape[0]  # a box, not the scan
+            assert item.lung_box == plain_stats[row].lung_box  # found either way; cropped only with "lungs"
+            assert not np.array_equal(reader.read_volume(row), plain.read_volume(row))
+    assert main(["info", str(cropped)]) == 0
+    out = capsys.readouterr().out
+    assert "crop         each scan's lungs' box (HU < -400" in out
+    assert "lungs        found in 16 of 16 scans (two lungs in 16, one in 0)" in out
+    assert main(["info", str(whole)]) == 0
+    assert "crop         none: whole scans" in capsys.readouterr().out
+    # changing the crop rebuilds every scan, as any option that changes the arrays does
+    assert build(synthetic_raw, whole).reprocessed == 16
+    with pytest.raises(UserError, match="--crop must be one of lungs, none, got heart"):
+        build(synthetic_raw, tmp_path / "other.h5", crop="heart")
+
+
+def test_a_version_2_cache_is_read_said_to_have_no_lungs_and_rebuilt(synthetic_raw, tmp_path, capsys):
+    out = tmp_path / "cache.h5"
+    build(synthetic_raw, out, crop="none")
+    make_version_2(out)
+    with CacheReader(out) as reader:
+        assert not reader.has_lungs and reader.has_scan_stats and reader.preprocessing.crop == "none"
+        assert all(item.lung_box is None and not item.has_lungs for item in reader.scan_stats())
+    assert main(["info", str(out)]) == 0
+    assert "lungs        not searched (a version-2 cache, built before the lung crop" in capsys.readouterr().out
+    report = build(synthetic_raw, out, crop="none")  # same options: still every scan, to add the lungs
+    assert report.reprocessed == 16
+    assert f"{out} is a version-2 cache (no lungs): rebuilding every scan" in capsys.readouterr().err
+    with CacheReader(out) as reader:
+        assert reader.has_lungs and reader.schema_version == SCHEMA_VERSION
+
+
+def test_a_scan_without_enough_lung_fails_the_build_with_the_reason_predict_gives(synthetic_raw, real_ct, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(synthetic_raw, raw)
+    shutil.copy(real_ct / "thorax_abdomen_3mm_small.nii.gz", raw / "CT-1" / "abdomen.nii.gz")
+    report = build(raw, tmp_path / "cache.h5")
+    assert report.cached == 16
+    [failure] = report.failures
+    assert failure.source_path == "CT-1/abdomen.nii.gz"
+    assert failure.reason.startswith("only 116 mL of lung over 36 mm head to foot; a chest CT we can judge shows at "
+                                     "least 200 mL")
+    # --crop none does not lift the rule: a scan we would not judge is not trained on either way
+    assert [f.reason for f in build(raw, tmp_path / "whole.h5", crop="none").failures] == [failure.reason]
+
+
+def test_a_too_short_scan_fails_the_build_with_the_reason_predict_gives(synthetic_raw, tmp_path):
+    from preprocess.phantoms.synth import make_phantom, write_phantom
+
+    raw = tmp_path / "raw"
+    shutil.copytree(synthetic_raw, raw)
+    phantom = make_phantom(5, 0, False, size=48, slice_range=(12, 12))
+    affine = phantom.affine.copy()
+    affine[2, 2] = 1.5  # 12 slices of 1.5 mm: 18 mm head to foot
+    write_phantom(type(phantom)(phantom.hu, affine, phantom.lesion_mask, phantom.lung_mask), raw / "CT-0" / "short.nii.gz")
+    report = build(raw, tmp_path / "cache.h5")
+    [failure] = report.failures
+    assert failure.source_path == "CT-0/short.nii.gz"
+    assert failure.reason == "covers 18 mm head to foot; a chest CT covers at least 20 mm"

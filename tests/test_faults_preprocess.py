@@ -181,9 +181,11 @@ def test_unwritable_output_gets_one_line_and_nothing_written(synthetic_raw, tmp_
 
 # -- fuzzing the NIfTI reader ----------------------------------------------------------------------
 def valid_scan_bytes() -> bytes:
-    rng = np.random.default_rng(0)
-    image = nib.Nifti1Image(rng.integers(-1000, 1000, (12, 10, 6)).astype(np.int16), np.diag([0.7, 0.7, 5, 1]))
-    return image.to_bytes()
+    """A small phantom chest (16 x 16 pixels): a scan `build` caches, before any mutation."""
+    from preprocess.phantoms.synth import make_phantom
+
+    phantom = make_phantom(0, 0, False, size=16, slice_range=(6, 6))
+    return nib.Nifti1Image(phantom.hu, phantom.affine).to_bytes()
 
 
 VALID = valid_scan_bytes()

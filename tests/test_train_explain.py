@@ -11,7 +11,7 @@ from conftest import write_nifti
 from common.errors import UserError
 from preprocess.phantoms.synth import make_phantom, write_phantom
 from preprocess.reading.transform import preprocess_scan
-from train.explain import compute_grad_cam, save_explanation
+from train.explain import compute_grad_cam, explanation_title, save_explanation
 from train.network.model import build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside Keras
@@ -97,6 +97,29 @@ def test_explanation_is_a_png_montage_written_atomically(untrained_model, volume
     assert [entry.name for entry in tmp_path.iterdir()] == ["explained.png"]  # no temporary left over
     with pytest.raises(ValueError, match="differ in shape"):
         save_explanation(volume, heat_map[:, :, :8], tmp_path / "bad.png", "bad")
+
+
+def test_the_title_says_the_volume_is_the_lungs_box_in_the_scans_voxels(tmp_path):
+    phantom = make_phantom(0, 0, True, **PHANTOM)
+    path = tmp_path / "study_0000.nii.gz"
+    write_phantom(phantom, path)
+    _, info = preprocess_scan(path, SMALL_SHAPE, *HU_WINDOW, crop="lungs")
+    x0, x1, y0, y1, z0, z1 = info.stats.lung_box
+    assert (x1 - x0, y1 - y0) != (96, 96), "the box is smaller than the scan"
+    title = explanation_title("study_0000.nii.gz", "abnormal", "abnormal", 97.1234, "lungs", info.stats)
+    heading, region = title.split("\n")
+    assert heading == "study_0000.nii.gz: Grad-CAM for 'abnormal' (predicted abnormal, 97.1%)"
+    assert region == (f"volume: the lungs' box, voxels {x0}-{x1} left-right, {y0}-{y1} front-back, {z0}-{z1} "
+                      f"head-foot of the scan's {' x '.join(map(str, phantom.hu.shape))} (RAS)")
+
+
+def test_the_title_says_the_volume_is_the_whole_scan_without_the_lung_crop(tmp_path):
+    path = tmp_path / "study_0000.nii.gz"
+    write_phantom(make_phantom(0, 0, False, **PHANTOM), path)
+    _, info = preprocess_scan(path, SMALL_SHAPE, *HU_WINDOW, crop="none")
+    assert info.stats.lung_box is not None  # the lungs are found either way; the volume is not cut to them
+    title = explanation_title("study_0000.nii.gz", "normal", "normal", 60.0, "none", info.stats)
+    assert title.endswith("\nvolume: the whole scan (no lung crop)") and "box" not in title
 
 
 def cache_space_phantom(seed: int, study_number: int, abnormal: bool, folder: Path,
@@ -205,3 +228,23 @@ def test_predict_explain_into_a_file_is_one_line(one_epoch_run, synthetic_raw, t
     scan = sorted(synthetic_raw.rglob("*.nii.gz"))[0]
     assert main(["predict", str(one_epoch_run), str(scan), "--explain", str(blocker)]) == 1
     assert capsys.readouterr().err.strip() == f"python -m train: error: --explain {blocker} is a file, not a folder"
+
+
+def test_predict_explain_titles_each_montage_with_the_runs_crop_and_the_scans_box(one_epoch_run, synthetic_raw,
+                                                                                 tmp_path, monkeypatch, capsys):
+    import train.explain
+    from train.__main__ import main
+
+    titles, save = [], train.explain.save_explanation
+
+    def save_and_keep_title(volume, heat_map, path, title):
+        titles.append(title)
+        return save(volume, heat_map, path, title)
+
+    monkeypatch.setattr(train.explain, "save_explanation", save_and_keep_title)
+    scan = sorted(synthetic_raw.rglob("*.nii.gz"))[0]
+    assert main(["predict", str(one_epoch_run), str(scan), "--explain", str(tmp_path / "out")]) == 0
+    _, info = preprocess_scan(scan, SMALL_SHAPE, *HU_WINDOW, crop="lungs")  # the tiny cache's crop
+    [title] = titles
+    assert title.startswith(f"{scan.name}: Grad-CAM for 'abnormal'")
+    assert title.endswith("\n" + train.explain.describe_region("lungs", info.stats)) and "lungs' box" in title

@@ -135,9 +135,16 @@ def test_evaluate_refuses_a_cache_preprocessed_differently(trained_run, other_wi
 
 
 def test_predict_prints_the_tutorials_sentence_for_real_ct_with_the_warning(trained_run, real_ct, capsys):
-    # a model trained on phantoms has never seen real CT: each real scan keeps its probability, and its
+    # a model trained on phantoms has never seen real CT: each real chest scan keeps its probability, and its
     # sentence says why not to rely on it (field of view, spacing, slices: real CT is not 350 x 350 x 300 mm)
-    scans = sorted(real_ct.glob("*.nii.gz"))
+    scans = [real_ct / "chest_1p5mm_lps.nii.gz"]
+    abdomen = [real_ct / "thorax_abdomen_3mm.nii.gz", real_ct / "thorax_abdomen_3mm_small.nii.gz"]
+    assert main(["predict", str(trained_run), *map(str, abdomen)]) == 1  # no lungs to judge: no probability
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert [line.split(": ", 1)[1] for line in captured.err.strip().splitlines()] == [
+        "not assessed: only 116 mL of lung over 36 mm head to foot; a chest CT we can judge shows at least 200 mL "
+        "(an abdomen CT with the lung bases at its edge?)"] * 2
     assert main(["predict", str(trained_run), *map(str, scans)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(scans)
@@ -387,7 +394,7 @@ def test_a_run_made_before_calibration_predicts_raw_with_one_line_each(trained_r
     from train.rundir.models import load_trained_model
 
     model = load_trained_model(model_path(run_dir))
-    volume, _ = preprocess_scan(scan, (32, 32, 16), -1000.0, 400.0)
+    volume, _ = preprocess_scan(scan, (32, 32, 16), -1000.0, 400.0, crop="lungs")  # the tiny cache's crop
     raw = float(model(volume[None, ..., None], training=False).numpy().reshape(-1)[0])
     assert document["probability_abnormal"] == pytest.approx(raw, abs=1e-6)
     # `fit --resume` on such a finished run adds its calibration and reference without training
@@ -414,3 +421,20 @@ def test_a_run_on_a_version_1_cache_checks_features_only_and_says_so(tiny_cache,
     assert document["ood_scores"]["features"]["score"] is not None
     [warning] = captured.err.strip().splitlines()
     assert "version-1 cache" in warning and "only the features check" in warning
+
+
+def test_a_run_whose_reference_predates_the_lungs_still_predicts(trained_run, synthetic_raw, tmp_path, capsys):
+    run_dir = Path(shutil.copytree(trained_run, tmp_path / "before-lungs"))
+    document = json.loads((run_dir / "reference.json").read_text())
+    old = [index for index, name in enumerate(document["geometry"]) if not name.startswith("lung_") or
+           name == "lung_fraction"]
+    assert len(old) == 8 < len(document["geometry"]), "this run's reference checks the lungs"
+    for key in ("geometry", "geometry_low", "geometry_high", "geometry_seen_low", "geometry_seen_high"):
+        document[key] = [document[key][index] for index in old]  # as a version before the lungs wrote it
+    (run_dir / "reference.json").write_text(json.dumps(document))
+    scan = sorted(synthetic_raw.rglob("*.nii.gz"))[0]
+    assert main(["predict", str(run_dir), str(scan), "--json"]) == 0
+    [result] = json.loads(capsys.readouterr().out)
+    assert result["in_distribution"] is not None and result["probability_abnormal"] is not None
+    assert set(result["ood_scores"]["geometry"]["score"]) == {"fov_0", "fov_1", "fov_2", "spacing_0", "spacing_1",
+                                                              "spacing_2", "slices", "lung_fraction"}

@@ -116,6 +116,25 @@ def test_strategy_and_severity_columns_appear_when_a_run_has_them(tmp_path):
     assert (rows["binary"]["strategy"], rows["severity"]["strategy"]) == ("auto", "mirrored")
 
 
+def test_the_learned_column_says_yes_no_cannot_tell_or_dash_for_runs_made_before_the_test(tmp_path):
+    make_run(tmp_path / "learned", metrics={**finished(0.9), "learned": True, "val_auc_p_value": 0.001})
+    make_run(tmp_path / "chance", metrics={**finished(0.5), "learned": False, "val_auc_p_value": 0.6})
+    make_run(tmp_path / "too-few", metrics={**finished(0.7), "learned": None, "val_auc_p_value": None})
+    make_run(tmp_path / "older", metrics=finished(0.8))
+    make_run(tmp_path / "fold", metrics={**finished(0.5), "split": "val (fold 1 of 3)", "learned": False})
+    runs = list_runs(tmp_path)
+    assert {run.name: run.learned for run in runs} == {
+        "learned": "yes", "chance": "no", "too-few": "cannot tell", "older": None, "fold": "no"}
+    text = format_runs_table(runs, None)
+    assert {name: row["learned"] for name, row in parse_table(text).items()} == {
+        "learned": "yes", "chance": "no", "too-few": "?", "older": "-", "fold": "no"}
+    assert "learned no: the model's validation AUC is not distinguishable from 0.5" in text
+    assert "learned ?: too few validation scans" in text
+    assert [run.name for run in sort_runs(runs, "learned")] == ["chance", "fold", "too-few", "learned", "older"]
+    # without any run that has the test, the table is as it was
+    assert "learned" not in format_runs_table([run for run in runs if run.name == "older"], None)
+
+
 def test_unfinished_runs_show_their_progress_and_no_test_values(tmp_path):
     make_run(tmp_path / "running", epochs=100, completed=3, best_val_auc=0.6)
     make_run(tmp_path / "just-started", epochs=100, completed=0)

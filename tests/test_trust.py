@@ -5,8 +5,13 @@ ensembles) are in test_train_fit.py and test_train_cv.py.
 """
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import numpy as np
 import pytest
+
+from common.errors import UserError
 
 from preprocess.reading.scan_stats import MIN_SLICES, compute_scan_stats, hard_problems
 from preprocess.phantoms.synth import write_synthetic_archive
@@ -88,10 +93,12 @@ def problems_of(path):
     return hard_problems(info.stats)
 
 
-def test_a_phantom_and_real_ct_pass_the_hard_checks(phantom, real_ct):
+def test_a_phantom_and_real_chest_ct_pass_the_hard_checks_and_the_abdomen_scans_do_not(phantom, real_ct):
     assert problems_of(phantom) == []
-    for scan in sorted(real_ct.glob("*.nii.gz")):
-        assert problems_of(scan) == [], scan.name
+    assert problems_of(real_ct / "chest_1p5mm_lps.nii.gz") == []
+    for name in ("thorax_abdomen_3mm.nii.gz", "thorax_abdomen_3mm_small.nii.gz"):  # lung bases only: 116 mL
+        [problem] = problems_of(real_ct / name)
+        assert problem.startswith("only 116 mL of lung over 36 mm head to foot"), name
 
 
 def phantom_array(path):
@@ -203,3 +210,49 @@ def test_the_fitted_temperature_is_served_only_when_the_validation_split_support
     weak = calibrate(true_logits[:54], classes[:54], "m.keras", "val")
     assert weak.fitted_temperature != 1.0 and weak.likelihood_ratio < LIKELIHOOD_RATIO_CRITICAL
     assert weak.temperature == 1.0 and weak.nll_after == weak.nll_before
+
+
+# -- the lungs in the geometry check, and references made before them ---------------------------------
+OLD_GEOMETRY = ["fov_0", "fov_1", "fov_2", "spacing_0", "spacing_1", "spacing_2", "slices", "lung_fraction"]
+
+
+def test_a_scan_whose_lungs_are_far_smaller_than_any_training_scans_is_flagged_naming_lung_volume(phantom_stats):
+    rng = np.random.default_rng(7)
+    reference = build_reference("model.keras", rng.normal(size=(len(phantom_stats["train"]), 8)),
+                                np.arange(len(phantom_stats["train"])) % 2, rng.normal(size=(12, 8)),
+                                phantom_stats["train"], phantom_stats["val"])
+    assert {"lung_volume", "lung_extent_0", "lung_extent_1", "lung_extent_2"} <= set(reference.geometry_names)
+    smallest = min(item.lung_volume_ml for item in phantom_stats["train"] + phantom_stats["val"])
+    held_out = next(item for item in phantom_stats["held_out"]
+                    if not reference.judge(rng.normal(size=8), item).flagged["geometry"])
+    small = replace(held_out, lung_volume_ml=smallest / 4)  # a chest CT's lungs still (over 200 mL), but tiny
+    assert hard_problems(small) == []
+    verdict = reference.judge(rng.normal(size=8), small)
+    [reason] = verdict.reasons_by_check["geometry"]
+    assert verdict.flagged["geometry"] and reason.startswith(f"lung volume {smallest / 4:.0f} mL (training ")
+    assert verdict.scores["geometry"]["lung_volume"] == pytest.approx(smallest / 4)
+    narrow = replace(held_out, lung_extent_mm=(held_out.lung_extent_mm[0] / 3, *held_out.lung_extent_mm[1:]))
+    assert reference.judge(rng.normal(size=8), narrow).reasons_by_check["geometry"][0].startswith(
+        "lungs' extent left-right")
+
+
+def test_a_run_made_before_the_lungs_were_measured_still_reads_and_judges_without_them(phantom_stats, tmp_path):
+    from train.trust.ood import read_reference, write_reference
+
+    old_stats = [replace(item, lung_volume_ml=None, lung_count=None, lung_extent_mm=None, lung_box=None)
+                 for item in phantom_stats["train"] + phantom_stats["val"]]  # as a cache before schema version 3
+    rng = np.random.default_rng(8)
+    write_reference(tmp_path, build_reference("model.keras", rng.normal(size=(len(old_stats) - 12, 8)),
+                                              np.arange(len(old_stats) - 12) % 2, rng.normal(size=(12, 8)),
+                                              old_stats[:-12], old_stats[-12:]))
+    document = json.loads((tmp_path / "reference.json").read_text())
+    assert document["geometry"] == OLD_GEOMETRY and len(document["geometry_low"]) == 8  # what older versions wrote
+    reference = read_reference(tmp_path)
+    new_scan = replace(phantom_stats["held_out"][0], lung_volume_ml=1.0)  # lungs it cannot judge
+    verdict = reference.judge(rng.normal(size=8), new_scan)
+    assert set(verdict.scores["geometry"]) == set(OLD_GEOMETRY)
+    assert not any("lung volume" in reason for reason in verdict.reasons)
+    # a name no version wrote is refused in one line, as before
+    (tmp_path / "reference.json").write_text(json.dumps({**document, "geometry": OLD_GEOMETRY[:-1] + ["colour"]}))
+    with pytest.raises(UserError, match="made by another version of this tool"):
+        read_reference(tmp_path)

@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_fit(arguments) -> int | None:
-    from train.fit import fit_model, format_report
+    from train.fit import fit_model
+    from train.fit_summary import format_learned, format_report
 
     try:
         report = fit_model(fit_options_of(arguments))
@@ -247,6 +248,9 @@ def run_fit(arguments) -> int | None:
               file=sys.stderr)
         return EXIT_INTERRUPTED
     print(format_report(report))
+    warning = format_learned(report)
+    if warning:
+        print(warning, file=sys.stderr)  # the last line: a run that has learned nothing says so
 
 
 def run_cv(arguments) -> int | None:

@@ -97,6 +97,8 @@ def summarize_folds(options: FitOptions, run_dir: Path, fold_reports: list[dict]
         "cache_fingerprint": fold_reports[0].get("cache_fingerprint") if fold_reports else None,
         "fold_run_dirs": [str(fold_dir(run_dir, fold)) for fold in range(1, len(fold_reports) + 1)],
         "validation": {name: summarize([report.get(name) for report in fold_reports]) for name in names},
+        # each fold's separation test on its validation fold (train.network.scores); None: cannot tell or untested
+        "learned": [report.get("learned") for report in fold_reports],
     }
 
 
@@ -127,6 +129,10 @@ def format_summary(report: CrossValidationReport) -> str:
     for name, values in summary["validation"].items():
         per_fold = " ".join(number(value) for value in values["per_fold"])
         lines.append(f"{name:<26}{number(values['mean']):>8}  {number(values['std']):>7}   {per_fold}")
+    not_learned = [str(fold) for fold, learned in enumerate(summary.get("learned", []), 1) if learned is False]
+    if not_learned:
+        lines.append(f"fold{'s' if len(not_learned) > 1 else ''} {', '.join(not_learned)}: the model has not learned "
+                     "to separate the classes (validation AUC not distinguishable from 0.5; see its metrics.json)")
     test = summary["test"]
     if test.get("scans"):
         headline = HEADLINE_METRICS[summary["task"]]["headline"]

@@ -19,7 +19,9 @@ import tensorflow as tf
 from common.errors import UserError
 from common.files import replace_atomically
 from preprocess.montage import save_montage
+from preprocess.reading.lungs import describe_region as lung_region
 from preprocess.reading.resize import resize_volume
+from preprocess.reading.scan_stats import ScanStats
 
 
 def find_last_convolution(model: keras.Model) -> keras.layers.Layer:
@@ -88,6 +90,22 @@ def pick_class_score(scores: tf.Tensor, class_index: int | None) -> tf.Tensor:
     if not 0 <= class_index < class_count:
         raise UserError(f"class index {class_index} is out of range: the model has {class_count} classes")
     return scores[class_index]
+
+
+def describe_region(crop: str, stats: ScanStats | None) -> str:
+    """What an explained volume shows, in one line: the lungs' box in the scan's voxels, or the whole scan.
+
+    Without it, a heat map in a crop could be taken for one over the whole chest.
+    """
+    box = None if stats is None else stats.lung_box
+    return "volume: " + lung_region(crop, box, None if stats is None else stats.scan_shape)
+
+
+def explanation_title(scan_name: str, explained: str, predicted: str, confidence_percent: float, crop: str,
+                      stats: ScanStats | None) -> str:
+    """The montage's title: the scan, the class explained, the prediction, and the region the volume shows."""
+    return (f"{scan_name}: Grad-CAM for '{explained}' (predicted {predicted}, {confidence_percent:.1f}%)\n"
+            f"{describe_region(crop, stats)}")
 
 
 def save_explanation(volume: np.ndarray, heat_map: np.ndarray, path: Path, title: str) -> Path:

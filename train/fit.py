@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from common.errors import UserError
@@ -20,7 +20,10 @@ from preprocess.cache import CacheReader
 from train.loop.distribute import ClusterRole, read_cluster_role
 from train.tensorflow_import import load_tensorflow
 from train.network.architecture import check_input_shape
+from train.network.memory import check_step_fits
 from train.network.precision import check_precision_supported, resolve_precision
+from train.network.scores import compute_separation
+from train.fit_summary import FitReport
 from train.options import FitOptions, changed_options, check_fit_options, resolve_recipe
 from train.rundir.config import make_config
 from train.rundir.folders import check_new_run_dir, locked_run_dir, prepare_output_dir
@@ -28,18 +31,10 @@ from train.rundir.layout import (
     CONFIG, CURVES, HISTORY, METRICS, RELIABILITY, ROC_CURVE, STATE, TrainingState, kept_model_name, read_history, read_state,
     remove_other_models, remove_stale_temporaries, write_history,
 )
-from train.network.tasks import HEADLINE_METRICS, METRIC_LABELS, task_from_config
+from train.network.tasks import task_from_config
 from train.pipeline.folds import rows_and_classes
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FitReport:
-    run_dir: Path
-    state: TrainingState
-    test_metrics: dict
-    is_chief: bool = True
 
 
 def fit_model(options: FitOptions) -> FitReport:
@@ -57,6 +52,10 @@ def fit_model(options: FitOptions) -> FitReport:
                 raise UserError(f"{options.cache}: the {split} split is empty; rebuild the cache with "
                                 "more scans or other --val-fraction / --test-fraction")
         check_input_shape(reader.shape, options.padding)
+        if not reader.has_lungs:
+            log.warning("%s has no lung boxes (a version-%d cache, built before the lung crop): training on whole "
+                        "scans; `preprocess build --force` crops them to the lungs", options.cache,
+                        reader.schema_version)
         if options.strategy != "multiworker":
             # refused before any folder is made; a multi-worker run checks once its strategy exists
             check_precision_supported(options.precision)
@@ -66,6 +65,7 @@ def fit_model(options: FitOptions) -> FitReport:
         options = replace(options, run_dir=run_dir)
         with locked_run_dir(run_dir):
             options = resolve_auto_precision(options)
+            check_step_fits(reader.shape, options.batch_size, options.precision, options.padding, options.width)
             if options.resume:
                 state, history = reopen_run(run_dir, options, reader)
             else:
@@ -224,17 +224,19 @@ def finish_run(run_dir: Path, reader: CacheReader, state: TrainingState, options
     if metrics_path.exists():
         # the test split is looked at once per model: a resumed run that ended with the same model
         # keeps its result (a longer --epochs, or another --keep, that chose another one is re-tested)
-        # (a run made before calibration gets its calibration, reference and calibrated report now)
+        # (a run made before calibration, or before the separation test, gets what it lacks now)
         recorded = read_json(metrics_path)
         calibration, reference = read_calibration(run_dir), read_reference(run_dir)
         if recorded.get("model") == model_name and "calibration" in recorded and calibration is not None \
-                and calibration.model == model_name and reference is not None and reference.model == model_name:
-            return FitReport(run_dir, state, recorded)
+                and calibration.model == model_name and reference is not None and reference.model == model_name \
+                and (options.task != "binary" or "learned" in recorded):
+            return FitReport(run_dir, state, recorded, crop=reader.preprocessing.crop)
     model = load_trained_model(run_dir / model_name)
     config = read_json(run_dir / CONFIG)
     task = task_from_config(config)
     train, val = rows_and_classes(reader, options, task)
-    calibration, reference = fit_calibration_and_reference(run_dir, model, model_name, reader, task, train, val)
+    calibration, reference, val_logits = fit_calibration_and_reference(run_dir, model, model_name, reader, task,
+                                                                       train, val)
     served = ServedModel(run_dir, config, task, model, calibration, reference)
     if options.fold is None:
         report = evaluate_rows(served, reader, reader.split("test"), task, "test",
@@ -247,31 +249,9 @@ def finish_run(run_dir: Path, reader: CacheReader, state: TrainingState, options
     metrics = {"model": model_name, "keep": options.keep, "model_epoch": model_epoch, "model_val_auc": model_val_auc,
                "best_epoch": state.best_epoch, "best_val_auc": state.best_val_auc,
                "cache_fingerprint": reader.fingerprint, **report}
+    if task.is_binary:  # has the run's model learned anything? (its validation logits against chance)
+        metrics.update(compute_separation(val[1], val_logits[:, 0]).to_json())
     write_json_atomically(metrics_path, metrics)
     log.info("%s split of %s: %s", report["split"], reader.path,
              json.dumps({name: metrics[name] for name in task.summary_metrics}, sort_keys=True))
-    return FitReport(run_dir, state, metrics)
-
-
-def format_report(report: FitReport) -> str:
-    """What `fit` prints when it is done: where the run is, which epoch's model it kept, and its test result in one
-    line."""
-    from train.evaluate import format_number as number
-
-    if not report.is_chief:
-        return f"worker done: {report.state.completed_epochs} epochs; the chief wrote the run to {report.run_dir}"
-    test = report.test_metrics
-    names = HEADLINE_METRICS["severity" if test.get("task") == "severity" else "binary"]["summary"]
-    result = "test " + ", ".join(f"{METRIC_LABELS.get(name, name)} {number(test.get(name))}" for name in names)
-    calibration = test.get("calibration") or {}
-    if calibration.get("after"):
-        before, after = calibration["before"]["ece"], calibration["after"]["ece"]
-        change = f"{after:.3f}" if calibration["temperature"] == 1.0 else f"{before:.3f} -> {after:.3f} calibrated"
-        result += f", ECE {change} (temperature {calibration['temperature']:.2f})"
-    state = report.state
-    best = f"best val AUC {state.best_val_auc:.4f} at epoch {state.best_epoch}"
-    if test.get("keep") == "last":
-        kept = f"model of the last epoch (val AUC {number(test.get('model_val_auc'))}; {best})"
-    else:
-        kept = best
-    return f"run saved in {report.run_dir}: {state.completed_epochs} epochs, {kept}; {result} on {test.get('scans')} scans"
+    return FitReport(run_dir, state, metrics, crop=reader.preprocessing.crop)

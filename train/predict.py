@@ -118,7 +118,8 @@ def predict_scans(run_dir: Path, scans: list[Path], explain_dir: Path | None = N
     predictions = []
     for scan, image_name in zip(scans, explanation_names(scans)):
         try:
-            volume, info = preprocess_scan(Path(scan), shape, preprocessing.hu_min, preprocessing.hu_max)
+            volume, info = preprocess_scan(Path(scan), shape, preprocessing.hu_min, preprocessing.hu_max,
+                                           crop=preprocessing.crop)  # the run's own crop
         except Exception as error:  # the scan's fault, said as `build` says it
             predictions.append(Prediction(str(scan), error=describe_scan_failure(error)))
             continue
@@ -130,7 +131,8 @@ def predict_scans(run_dir: Path, scans: list[Path], explain_dir: Path | None = N
         prediction, nearest = assess(members, task, volume, info.stats, str(scan))
         if explain_dir is not None:
             prediction = replace(prediction, explanation=str(explain_scan(
-                nearest.model, volume, prediction, task, Path(explain_dir) / image_name)))
+                nearest.model, volume, prediction, task, Path(explain_dir) / image_name, preprocessing.crop,
+                info.stats)))
         predictions.append(prediction)
     return predictions
 
@@ -191,15 +193,17 @@ def explanation_names(scans: list[Path]) -> list[str]:
     return names
 
 
-def explain_scan(model, volume: np.ndarray, prediction: Prediction, task, path: Path) -> Path:
-    """Write the Grad-CAM montage of one scan for its predicted class (abnormal, for a binary model) to `path`."""
-    from train.explain import compute_grad_cam, save_explanation
+def explain_scan(model, volume: np.ndarray, prediction: Prediction, task, path: Path, crop: str = "none",
+                 stats=None) -> Path:
+    """Write the Grad-CAM montage of one scan for its predicted class (abnormal, for a binary model) to `path`,
+    titled with the region the volume shows (`crop`, and the lungs' box from the scan's `stats`)."""
+    from train.explain import compute_grad_cam, explanation_title, save_explanation
 
     class_index = None if task.is_binary else task.class_names.index(prediction.predicted_class)
     heat_map = compute_grad_cam(model, volume, class_index)
     explained = "abnormal" if task.is_binary else prediction.predicted_class
-    title = (f"{Path(prediction.scan).name}: Grad-CAM for '{explained}' "
-             f"(predicted {prediction.predicted_class}, {prediction.confidence_percent:.1f}%)")
+    title = explanation_title(Path(prediction.scan).name, explained, prediction.predicted_class,
+                              prediction.confidence_percent, crop, stats)
     return save_explanation(volume, heat_map, path, title)
 
 

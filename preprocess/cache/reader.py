@@ -8,7 +8,7 @@ import numpy as np
 
 from preprocess.cache.schema import (
     FORMAT_NAME, READABLE_SCHEMA_VERSIONS, REQUIRED_ATTRIBUTES, ROW_TABLES, SCHEMA_VERSION, SPLIT_NAMES, STATS_GROUP,
-    STATS_TABLES, CacheError, Failure, ScanRecord, SplitOptions,
+    STATS_TABLES, CacheError, Failure, ScanRecord, SplitOptions, stats_tables,
 )
 from preprocess.preprocessing import Preprocessing, plain_value
 from preprocess.reading.scan_stats import ScanStats
@@ -58,8 +58,7 @@ class CacheReader:
         if missing_attrs:
             raise CacheError(f"{self.path}: damaged cache, missing attributes {', '.join(missing_attrs)}")
         required = ["volumes", *ROW_TABLES, *(f"splits/{name}" for name in SPLIT_NAMES)]
-        if version >= 2:
-            required += [f"{STATS_GROUP}/{name}" for name in STATS_TABLES]
+        required += [f"{STATS_GROUP}/{name}" for name in stats_tables(version)]
         missing = [name for name in required if name not in self.file]
         if missing:
             raise CacheError(f"{self.path}: damaged cache, missing {', '.join(missing)}")
@@ -69,7 +68,7 @@ class CacheReader:
         if volumes.dtype != np.float32 or volumes.shape[1:] != shape:
             raise CacheError(f"{self.path}: damaged cache, /volumes is {volumes.dtype} {volumes.shape}, "
                              f"expected float32 (N, {', '.join(map(str, shape))})")
-        for name in [*ROW_TABLES, *(f"{STATS_GROUP}/{name}" for name in STATS_TABLES if version >= 2)]:
+        for name in [*ROW_TABLES, *(f"{STATS_GROUP}/{name}" for name in stats_tables(version))]:
             if self.file[name].shape[0] != rows:
                 raise CacheError(f"{self.path}: damaged cache, /{name} has {self.file[name].shape[0]} rows, "
                                  f"/volumes has {rows}")
@@ -97,6 +96,8 @@ class CacheReader:
             hu_max=float(attrs["hu_max"]),
             resample_method=str(attrs["resample_method"]),
             orientation=str(attrs["orientation"]),
+            crop=str(attrs.get("crop", "none")),  # a cache before schema version 3 holds whole scans
+            lung_method=str(attrs.get("lung_method", "")),
         )
 
     @property
@@ -113,7 +114,15 @@ class CacheReader:
         if not self.has_scan_stats:
             return None
         group = self.file[STATS_GROUP]
-        columns = {name: group[name][:] for name in STATS_TABLES}
+        columns = {name: group[name][:] for name in stats_tables(self.schema_version)}
+
+        def lungs(row) -> dict:
+            if "lung_box" not in columns:
+                return {}
+            return dict(lung_volume_ml=float(columns["lung_volume_ml"][row]), lung_count=int(columns["lung_count"][row]),
+                        lung_extent_mm=tuple(float(value) for value in columns["lung_extent_mm"][row]),
+                        lung_box=tuple(int(value) for value in columns["lung_box"][row]))
+
         return [
             ScanStats(
                 hu_histogram=tuple(float(value) for value in columns["hu_histogram"][row]),
@@ -121,9 +130,15 @@ class CacheReader:
                 fov_mm=tuple(float(value) for value in columns["fov_mm"][row]),
                 slices=int(columns["slices"][row]),
                 **{name: float(columns[name][row]) for name in ("lung_fraction", "air_fraction", "hu_min", "hu_max")},
+                **lungs(row),
             )
             for row in range(len(self))
         ]
+
+    @property
+    def has_lungs(self) -> bool:
+        """Whether the rows carry their lungs and crop boxes (schema version 3 on)."""
+        return self.schema_version >= 3
 
     @property
     def split_options(self) -> SplitOptions:

@@ -21,10 +21,10 @@ from preprocess.preprocessing import Preprocessing
 from preprocess.reading.scan_stats import HISTOGRAM_BINS, ScanStats
 
 FORMAT_NAME = "mosmed3d-cache"
-SCHEMA_VERSION = 2  # 2: /scan_stats (raw-HU statistics per row, for predict's distribution check)
-READABLE_SCHEMA_VERSIONS = (1, 2)  # a version-1 cache trains and evaluates; it has no scan statistics
+SCHEMA_VERSION = 3  # 2: /scan_stats (raw-HU statistics per row); 3: the lungs (/scan_stats/lung_*, crop)
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)  # older caches train and evaluate; 1 has no statistics, 1-2 no lungs
 STATS_GROUP = "scan_stats"
-# /scan_stats/<name>: dtype and per-row shape; ScanStats's fields
+# /scan_stats/<name>: dtype and per-row shape; ScanStats's fields (version 2 on)
 STATS_TABLES = {
     "hu_histogram": (np.float32, (HISTOGRAM_BINS,)),
     "spacing_mm": (np.float64, (3,)),
@@ -35,6 +35,18 @@ STATS_TABLES = {
     "hu_min": (np.float64, ()),
     "hu_max": (np.float64, ()),
 }
+# the lungs (`preprocess.reading.lungs`), version 3 on
+LUNG_TABLES = {
+    "lung_volume_ml": (np.float64, ()),
+    "lung_count": (np.int32, ()),
+    "lung_extent_mm": (np.float64, (3,)),
+    "lung_box": (np.int32, (6,)),
+}
+
+
+def stats_tables(version: int) -> dict:
+    """The /scan_stats tables a cache of this schema version has."""
+    return {} if version < 2 else STATS_TABLES if version < 3 else {**STATS_TABLES, **LUNG_TABLES}
 SPLIT_NAMES = ("train", "val", "test")
 ROW_TABLES = ("labels", "scan_ids", "class_names", "source_paths", "source_sha256", "source_sizes",
               "source_mtimes_ns", "source_shapes", "source_spacing_mm")

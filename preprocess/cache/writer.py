@@ -13,7 +13,7 @@ import numpy as np
 
 from common.files import move_into_place
 from preprocess.cache.schema import (
-    FORMAT_NAME, SCHEMA_VERSION, SPLIT_NAMES, STATS_GROUP, STATS_TABLES, STRING, CacheError, Failure, ScanRecord, SplitOptions,
+    FORMAT_NAME, SCHEMA_VERSION, SPLIT_NAMES, STATS_GROUP, STRING, CacheError, Failure, ScanRecord, SplitOptions, stats_tables,
     compute_fingerprint, estimated_cache_bytes, temp_path_for,
 )
 from preprocess.preprocessing import Preprocessing, jsonable
@@ -129,7 +129,7 @@ class CacheWriter:
         if any(record.stats is None for record in records):
             raise ValueError("every row of a new cache needs its scan statistics")
         stats = file.create_group(STATS_GROUP)
-        for name, (dtype, row_shape) in STATS_TABLES.items():
+        for name, (dtype, row_shape) in stats_tables(SCHEMA_VERSION).items():
             values = np.array([getattr(record.stats, name) for record in records], dtype=dtype)
             stats.create_dataset(name, data=values.reshape(len(records), *row_shape))
         group = file.create_group("splits")

@@ -87,9 +87,9 @@ def build_cache(options: BuildOptions) -> BuildReport:
 def _build(options, preprocessing, sources, refused, previous, labels_sha256) -> BuildReport:
     reusable_rows: dict[str, tuple[int, ScanRecord]] = {}
     known_failures: dict[str, Failure] = {}
-    if previous is not None and not previous.has_scan_stats:
-        log.info("%s is a version-%d cache (no scan statistics): rebuilding every scan", previous.path,
-                 previous.schema_version)
+    if previous is not None and not previous.has_lungs:
+        log.info("%s is a version-%d cache (no %s): rebuilding every scan", previous.path, previous.schema_version,
+                 "lungs" if previous.has_scan_stats else "scan statistics")
     elif previous is not None and previous.preprocessing == preprocessing:
         for row, record in enumerate(previous.records()):
             reusable_rows[record.source_path] = (row, record)

@@ -11,7 +11,7 @@ import numpy as np
 from common.errors import UserError
 from preprocess.cache.schema import SplitOptions
 from preprocess.finding.sources import NORMAL_CLASS
-from preprocess.preprocessing import Preprocessing
+from preprocess.preprocessing import CROPS, Preprocessing
 
 MAX_SHAPE = 1024
 MAX_JOBS = 256
@@ -38,10 +38,11 @@ class BuildOptions:
     quiet: bool = False
     labels: Path | None = None  # a `path,class` CSV instead of class folders (preprocess.finding.labels)
     normal_class: str = NORMAL_CLASS  # the class whose scans get label 0
+    crop: str = "lungs"  # "lungs": each volume is its scan's lungs' box (preprocess.reading.lungs); "none": the whole scan
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing.of_this_code(self.shape, self.hu_window)
+        return Preprocessing.of_this_code(self.shape, self.hu_window, self.crop)
 
     @property
     def split_options(self) -> SplitOptions:
@@ -52,6 +53,8 @@ def check_options(options: BuildOptions) -> None:
     """Refuse options that cannot make a cache, with one line naming the problem."""
     if len(options.shape) != 3 or any(not 1 <= int(n) <= MAX_SHAPE for n in options.shape):
         raise UserError(f"--shape needs three sizes from 1 to {MAX_SHAPE}, got {' '.join(map(str, options.shape))}")
+    if options.crop not in CROPS:
+        raise UserError(f"--crop must be one of {', '.join(CROPS)}, got {options.crop}")
     if options.jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {options.jobs}")
     for name in ("val_fraction", "test_fraction"):

@@ -19,6 +19,7 @@ from preprocess.preprocessing import Preprocessing
 from preprocess.finding.sources import Source
 from preprocess.engine.time_limits import ScanTimeout, time_limit
 from preprocess.reading.formats import describe_scan_failure
+from preprocess.reading.scan_stats import hard_problems
 from preprocess.reading.transform import preprocess_scan
 
 TIMEOUT_REASON = "took longer than"  # timed-out scans are retried by the next build, not remembered
@@ -39,7 +40,8 @@ def process_source(source: Source, preprocessing: Preprocessing, timeout_seconds
     try:
         with time_limit(timeout_seconds):
             volume, info = preprocess_scan(
-                source.path, preprocessing.shape, preprocessing.hu_min, preprocessing.hu_max, source.series_files
+                source.path, preprocessing.shape, preprocessing.hu_min, preprocessing.hu_max, source.series_files,
+                preprocessing.crop,
             )
     except ScanTimeout:
         return ScanOutcome(reason=f"{TIMEOUT_REASON} {timeout_seconds:g} s (--scan-timeout)")
@@ -47,6 +49,9 @@ def process_source(source: Source, preprocessing: Preprocessing, timeout_seconds
         return ScanOutcome(reason=describe_scan_failure(error), cannot_open=f"{type(error).__name__}: {error}")
     except Exception as error:
         return ScanOutcome(reason=describe_scan_failure(error))
+    problems = hard_problems(info.stats)  # the rule `predict` applies: a scan it would not judge is not trained on
+    if problems:
+        return ScanOutcome(reason="; ".join(problems))
     record = ScanRecord(
         scan_id=source.scan_id, label=source.label, class_name=source.class_name,
         source_path=source.relative_path, source_sha256=info.sha256, source_size=source.size,

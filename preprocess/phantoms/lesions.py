@@ -9,12 +9,27 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.errors import UserError
+
 HU_LUNG = -850.0
 GROUND_GLASS_HU_RANGE = (-700.0, -300.0)
 CONSOLIDATION_HU_RANGE = (-100.0, 50.0)
 # MosMedData's grades: lesion voxels / lung voxels in (low, high]; CT-0 is normal
 GRADE_INVOLVEMENT_RANGES = {1: (0.0, 0.25), 2: (0.25, 0.5), 3: (0.5, 0.75), 4: (0.75, 1.0)}
 MAX_LESION_ATTEMPTS = 10_000  # a graded draw ends after a few hundred at most; more is a bug
+
+
+def check_involvement(involvement: tuple[float, float]) -> int:
+    """Refuse an involvement range (fractions of the lung) that no one grade holds; return that grade."""
+    low, high = involvement
+    grade = next((grade for grade, (grade_low, grade_high) in sorted(GRADE_INVOLVEMENT_RANGES.items())
+                  if grade_low <= low and high <= grade_high), None)
+    if not (0 < low < high <= 1) or grade is None:
+        raise UserError(f"--involvement needs 0 < LOW < HIGH <= 100 (percent of the lung) inside one grade's range "
+                        f"(CT-1 0-25, CT-2 25-50, CT-3 50-75, CT-4 75-100), got {100 * low:g} {100 * high:g}")
+    if low * 1e4 < 1:
+        raise UserError(f"--involvement LOW must be at least 0.01 (percent of the lung), got {100 * low:g}")
+    return grade
 
 
 def add_lesions(hu: np.ndarray, lung: np.ndarray, rng: np.random.Generator, spacing_mm: np.ndarray,
@@ -36,15 +51,24 @@ def add_lesions(hu: np.ndarray, lung: np.ndarray, rng: np.random.Generator, spac
 
 def add_graded_lesions(hu: np.ndarray, lung: np.ndarray, rng: np.random.Generator, spacing_mm: np.ndarray,
                        lung_size_mm: float, grade: int) -> np.ndarray:
-    """Add lesions like `add_lesions` until the lesion share of the lung is inside `grade`'s range.
+    """Add lesions like `add_lesions` until the lesion share of the lung is inside `grade`'s range."""
+    return add_lesions_covering(hu, lung, rng, spacing_mm, lung_size_mm, GRADE_INVOLVEMENT_RANGES[grade])
 
-    A target share is drawn inside the range first, so scans spread over it. Each new lesion is
+
+def add_lesions_covering(hu: np.ndarray, lung: np.ndarray, rng: np.random.Generator, spacing_mm: np.ndarray,
+                         lung_size_mm: float, involvement: tuple[float, float], log_uniform: bool = False) -> np.ndarray:
+    """Add lesions like `add_lesions` until the lesion share of the lung is inside (low, high].
+
+    A target share is drawn inside the range first (uniformly, or log-uniformly so that a range over
+    decades, 0.1-25%, spreads its scans over each decade), so scans spread over it. Each new lesion is
     centred on parenchyma no lesion covers yet, and one that would overshoot the range is dropped
     and the next ones drawn smaller, so the loop ends after a few hundred lesions at most.
     """
-    low, high = GRADE_INVOLVEMENT_RANGES[grade]
+    low, high = involvement
     lung_voxels = np.count_nonzero(lung)
-    target_voxels = max(rng.uniform(low, high) * lung_voxels, np.floor(low * lung_voxels) + 1)
+    share = np.exp(rng.uniform(np.log(low), np.log(high))) if log_uniform else rng.uniform(low, high)
+    # whole voxels: a target between the last two counts the range allows could never be reached
+    target_voxels = min(max(share * lung_voxels, np.floor(low * lung_voxels) + 1), np.floor(high * lung_voxels))
     lesion_mask = np.zeros(hu.shape, dtype=bool)
     parenchyma = lung & (hu == HU_LUNG)
     candidate_slices = np.flatnonzero(parenchyma.any(axis=(0, 1)))
@@ -56,13 +80,19 @@ def add_graded_lesions(hu: np.ndarray, lung: np.ndarray, rng: np.random.Generato
             center = draw_lesion_center(rng, parenchyma, candidate_slices)
             if not lesion_mask[tuple(center)]:
                 break
+        else:  # the parenchyma left is too rare to hit by chance (a small, vessel-rich phantom): pick from it
+            uncovered = np.flatnonzero(parenchyma & ~lesion_mask) if (parenchyma & ~lesion_mask).any() \
+                else np.flatnonzero(lung & ~lesion_mask)
+            if uncovered.size == 0:
+                return lesion_mask
+            center = np.array(np.unravel_index(int(uncovered[rng.integers(uncovered.size)]), hu.shape))
         box, weight, target_hu = draw_lesion(rng, center, hu.shape, spacing_mm, lung_size_mm, scale)
         new_voxels = np.count_nonzero((weight > 0) & lung[box] & ~lesion_mask[box])
         if covered_voxels + new_voxels > high * lung_voxels:
             scale *= 0.8
             continue
         covered_voxels += blend_lesion(hu, lung, lesion_mask, box, weight, target_hu)
-    raise RuntimeError(f"no grade {grade} lesions after {MAX_LESION_ATTEMPTS} attempts")
+    raise RuntimeError(f"no lesions covering {low:.2%}-{high:.2%} of the lung after {MAX_LESION_ATTEMPTS} attempts")
 
 
 def draw_lesion_center(rng: np.random.Generator, parenchyma: np.ndarray, candidate_slices: np.ndarray) -> np.ndarray:
@@ -78,7 +108,8 @@ def draw_lesion(rng: np.random.Generator, center: np.ndarray, shape: tuple[int, 
     ground_glass = rng.uniform() < 0.6
     target_hu = rng.uniform(*(GROUND_GLASS_HU_RANGE if ground_glass else CONSOLIDATION_HU_RANGE))
     core_fraction = rng.uniform(0.2, 0.5) if ground_glass else rng.uniform(0.5, 0.8)
-    semi_axes_mm = scale * rng.uniform(0.2, 0.45) * lung_size_mm * rng.uniform(0.75, 1.25, size=3)
+    semi_axes_mm = np.maximum(scale * rng.uniform(0.2, 0.45) * lung_size_mm * rng.uniform(0.75, 1.25, size=3),
+                              1e-3)  # a lesion shrunk this far is its centre voxel, not a division by zero
     half_width = np.ceil(semi_axes_mm / spacing_mm).astype(int)
     low, high = np.maximum(center - half_width, 0), np.minimum(center + half_width + 1, shape)
     offsets = [(np.arange(low[axis], high[axis]) - center[axis]) * spacing_mm[axis] / semi_axes_mm[axis]

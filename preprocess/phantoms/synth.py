@@ -9,6 +9,9 @@ So the lesions are the only thing that tells the classes apart, voxel for voxel.
 Abnormal phantoms are ungraded by default: 2-8 lesions of any extent, written to CT-1 (the files the
 demo and the tests were built on). Given a severity grade, lesions are instead added one at a time
 until the lesion share of the lung falls inside that grade's range, as MosMedData grades CT-1..CT-4.
+Given an involvement range instead (`--involvement 0.1 1`, in percent of the lung), the share is
+drawn log-uniformly inside it, and the scans go to the grade folder that holds the range: small
+findings, like the mild CT-1 scans that are most of MosMedData, down to 0.1% of the lung.
 """
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ from tqdm import tqdm
 
 from common.errors import UserError
 from common.files import replace_atomically
-from preprocess.phantoms.lesions import GRADE_INVOLVEMENT_RANGES, HU_LUNG, add_graded_lesions, add_lesions
+from preprocess.phantoms.lesions import (
+    GRADE_INVOLVEMENT_RANGES, HU_LUNG, add_graded_lesions, add_lesions, add_lesions_covering, check_involvement,
+)
 from preprocess.finding.sources import find_sources
 
 try:  # ISA-L deflates several times faster than zlib, and compression is most of a write
@@ -82,12 +87,20 @@ def check_grades(grades: tuple[int, ...]) -> None:
 
 
 def make_phantom(seed: int, study_number: int, abnormal: bool, size: int = 512,
-                 slice_range: tuple[int, int] | None = None, grade: int | None = None) -> Phantom:
-    """Draw one phantom. (seed, study_number, abnormal, size, slice_range, grade) alone fix it.
+                 slice_range: tuple[int, int] | None = None, grade: int | None = None,
+                 involvement: tuple[float, float] | None = None) -> Phantom:
+    """Draw one phantom. (seed, study_number, abnormal, size, slice_range, grade, involvement) alone fix it.
 
     `grade` (1-4, abnormal only) puts the lesion share of the lung inside that grade's range;
-    None draws the ungraded lesions of the default archive.
+    `involvement` (low, high), fractions of the lung, draws the share log-uniformly inside that range
+    instead; None for both draws the ungraded lesions of the default archive.
     """
+    if involvement is not None:
+        if grade is not None:
+            raise ValueError("give a grade or an involvement range, not both")
+        check_involvement(involvement)
+        if not abnormal:
+            raise ValueError("a normal phantom has no lesions")
     check_phantom_arguments(size, slice_range)
     if grade is not None:
         check_grades((grade,))
@@ -102,7 +115,9 @@ def make_phantom(seed: int, study_number: int, abnormal: bool, size: int = 512,
     # noise comes from the anatomy stream after every shape, so lesions cannot shift it
     noise_sigma_hu = anatomy_rng.uniform(15, 25)
     noise = anatomy_rng.standard_normal(hu.shape, dtype=np.float32)
-    if abnormal and grade is not None:
+    if abnormal and involvement is not None:
+        lesion_mask = add_lesions_covering(hu, lung, lesion_rng, spacing_mm, lung_size_mm, involvement, log_uniform=True)
+    elif abnormal and grade is not None:
         lesion_mask = add_graded_lesions(hu, lung, lesion_rng, spacing_mm, lung_size_mm, grade)
     elif abnormal:
         lesion_mask = add_lesions(hu, lung, lesion_rng, spacing_mm, lung_size_mm)
@@ -224,11 +239,14 @@ def class_folder(abnormal: bool, grade: int | None) -> str:
 
 def write_synthetic_archive(out_dir: Path, normal: int, abnormal: int, size: int = 512, seed: int = 0,
                             slice_range: tuple[int, int] | None = None, progress: bool = True,
-                            grades: tuple[int, ...] | None = None) -> list[Path]:
+                            grades: tuple[int, ...] | None = None,
+                            involvement: tuple[float, float] | None = None) -> list[Path]:
     """Write `normal` phantoms to OUT/CT-0 and `abnormal` ones to OUT/CT-1 and return their paths.
 
     With `grades`, abnormal studies go round robin to OUT/CT-<grade>, their lesions covering that
-    grade's share of the lung; without, they are ungraded and all in CT-1.
+    grade's share of the lung; with `involvement` (low, high), fractions of the lung, their lesions cover a
+    share drawn log-uniformly in that range, and they go to the folder of the grade holding it;
+    with neither, they are ungraded and all in CT-1.
     Study numbers run across the archive: normal studies are study_0000 .. normal-1 and abnormal
     ones continue from `normal`. Refuses a folder holding other scans, which would mix archives.
     tqdm progress bar unless progress=False.
@@ -243,6 +261,10 @@ def write_synthetic_archive(out_dir: Path, normal: int, abnormal: int, size: int
     if grades is not None:
         grades = tuple(grades)
         check_grades(grades)
+    if involvement is not None:
+        if grades is not None:
+            raise UserError("--grades and --involvement both set the lesions' extent: give one")
+        grades = (check_involvement(tuple(involvement)),)
     out_dir = Path(out_dir)
     studies = [(number, False, None) for number in range(normal)]
     studies += [(normal + index, True, grades[index % len(grades)] if grades else None) for index in range(abnormal)]
@@ -264,9 +286,14 @@ def write_synthetic_archive(out_dir: Path, normal: int, abnormal: int, size: int
             folder.mkdir(parents=True, exist_ok=True)
         bar = tqdm(paths, desc="synth", unit="scan", disable=not progress)
         for path, (number, is_abnormal, grade) in zip(bar, studies):
-            write_phantom(make_phantom(seed, number, is_abnormal, size, slice_range, grade), path)
+            if involvement is not None and is_abnormal:
+                phantom = make_phantom(seed, number, True, size, slice_range, None, tuple(involvement))
+            else:
+                phantom = make_phantom(seed, number, is_abnormal, size, slice_range, grade)
+            write_phantom(phantom, path)
     except OSError as error:
         raise UserError(f"cannot write into {out_dir}: {error.strerror or error}") from None
     log.info("wrote %d normal and %d abnormal (%s) synthetic scans of %d x %d to %s", normal, abnormal,
-             "ungraded" if grades is None else "grades " + " ".join(map(str, grades)), size, size, out_dir)
+             "ungraded" if grades is None else f"{100 * involvement[0]:g}-{100 * involvement[1]:g}% of the lung"
+             if involvement is not None else "grades " + " ".join(map(str, grades)), size, size, out_dir)
     return paths

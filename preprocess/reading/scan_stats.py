@@ -17,12 +17,21 @@ Definitions (canonical RAS axes, as the cache's volumes):
     lung_fraction  fraction of sampled voxels in LUNG_HU (aerated lung parenchyma)
     air_fraction   fraction below AIR_HU (air: outside the body, airways, lungs)
     hu_min, hu_max the extreme voxel values (every voxel, not sampled)
+    lung_volume_ml the lungs' volume (`preprocess.reading.lungs`: low-density lung, dense lesions not
+                   counted); 0 when no lungs were found. None (this and the three below) in a cache
+                   made before schema version 3, which did not look for the lungs
+    lung_count     0 (none found), 1 or 2
+    lung_extent_mm the lungs' extent along R, A, S (no margin)
+    lung_box       the box the volume was cropped to, with its margin, in voxels of the canonical scan:
+                   (start, stop) along R, then A, then S; the whole scan when no lungs were found
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from preprocess.reading.lungs import Lungs, chest_problems, find_lungs, in_plane_stride
 
 HISTOGRAM_EDGES = np.arange(-1100.0, 1501.0, 50.0)  # 52 bins of 50 HU
 HISTOGRAM_BINS = len(HISTOGRAM_EDGES) - 1
@@ -49,6 +58,20 @@ class ScanStats:
     air_fraction: float
     hu_min: float
     hu_max: float
+    lung_volume_ml: float | None = None
+    lung_count: int | None = None
+    lung_extent_mm: tuple[float, float, float] | None = None
+    lung_box: tuple[int, int, int, int, int, int] | None = None
+
+    @property
+    def scan_shape(self) -> tuple[int, int, int]:
+        """The scan's voxels along R, A, S (the grid `lung_box` is in)."""
+        return tuple(int(round(fov / spacing)) for fov, spacing in zip(self.fov_mm, self.spacing_mm))
+
+    @property
+    def has_lungs(self) -> bool:
+        """Whether the lungs were searched for (schema version 3 on)."""
+        return self.lung_volume_ml is not None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -84,26 +107,36 @@ class StatsAccumulator:
         self.lung += int(np.count_nonzero((sampled >= LUNG_HU[0]) & (sampled < LUNG_HU[1])))
         self.air += int(np.count_nonzero(sampled < AIR_HU))
 
-    def result(self) -> ScanStats:
+    def result(self, lungs: Lungs | None = None) -> ScanStats:
         total = max(int(self.counts.sum()), 1)
         fov = tuple(float(n * spacing) for n, spacing in zip(self.shape, self.spacing_mm))
+        found = {} if lungs is None else dict(
+            lung_volume_ml=float(lungs.volume_ml), lung_count=int(lungs.count),
+            lung_extent_mm=tuple(float(value) for value in lungs.extent_mm),
+            lung_box=tuple(int(value) for value in lungs.box))
         return ScanStats(
             hu_histogram=tuple(float(count) / total for count in self.counts),
             spacing_mm=self.spacing_mm, fov_mm=fov, slices=self.shape[2],
             lung_fraction=self.lung / total, air_fraction=self.air / total,
-            hu_min=float(self.hu_min), hu_max=float(self.hu_max),
+            hu_min=float(self.hu_min), hu_max=float(self.hu_max), **found,
         )
 
 
 def compute_scan_stats(hu: np.ndarray, spacing_mm: tuple[float, float, float]) -> ScanStats:
     """The statistics of a whole HU volume at once (tests, benchmarks; the build goes slab by slab)."""
+    hu = np.asarray(hu, dtype=np.float32)
     accumulator = StatsAccumulator(hu.shape, spacing_mm)
-    accumulator.add(np.asarray(hu, dtype=np.float32))
-    return accumulator.result()
+    accumulator.add(hu)
+    stride = in_plane_stride(hu.shape)
+    return accumulator.result(find_lungs(hu[::stride, ::stride, :], stride, hu.shape, accumulator.spacing_mm))
 
 
 def hard_problems(stats: ScanStats) -> list[str]:
-    """Why this volume is not a chest CT in Hounsfield units at all, one line per reason (none: it may be)."""
+    """Why this volume is not a chest CT we can judge, one line per reason (none: it may be).
+
+    The one rule of `build` (a failed scan, with these reasons) and `predict` (not assessed): a CT in
+    Hounsfield units with plausible geometry, and lungs (`preprocess.reading.lungs.chest_problems`).
+    """
     problems = []
     if stats.hu_max - stats.hu_min < MIN_HU_RANGE:
         problems.append(f"constant volume (every voxel {stats.hu_min:g})")
@@ -127,4 +160,6 @@ def hard_problems(stats: ScanStats) -> list[str]:
     elif stats.fov_mm[2] < MIN_CRANIOCAUDAL_MM:
         problems.append(f"covers {stats.fov_mm[2]:.0f} mm head to foot; a chest CT covers at least "
                         f"{MIN_CRANIOCAUDAL_MM:g} mm")
+    if not problems:  # a volume that is no CT at all has no lungs either: one reason is enough
+        problems += chest_problems(stats.lung_volume_ml, stats.lung_extent_mm)
     return problems

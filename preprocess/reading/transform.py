@@ -15,6 +15,7 @@ import numpy as np
 
 from preprocess.reading.canonical import ScanInfo
 from preprocess.reading.formats import open_any_scan
+from preprocess.reading.lungs import CROPS, find_lungs, in_plane_stride, whole_volume
 from preprocess.reading.resize import resize_volume
 from preprocess.reading.scan_stats import StatsAccumulator
 
@@ -31,27 +32,39 @@ def window_volume(hu: np.ndarray, hu_min: float, hu_max: float) -> np.ndarray:
 
 
 def preprocess_scan(
-    path: Path, shape: tuple[int, int, int], hu_min: float, hu_max: float, series_files: tuple[Path, ...] = ()
+    path: Path, shape: tuple[int, int, int], hu_min: float, hu_max: float, series_files: tuple[Path, ...] = (),
+    crop: str = "none",
 ) -> tuple[np.ndarray, ScanInfo]:
-    """The whole per-scan transform: load, reorient, window, resize. Returns float32 in [0, 1], and the
-    scan's info with its raw-HU statistics (`preprocess.reading.scan_stats`), taken from the same slabs.
+    """The whole per-scan transform: load, reorient, find the lungs, crop, window, resize. Returns float32
+    in [0, 1], and the scan's info with its raw-HU statistics (`preprocess.reading.scan_stats`), taken
+    from the same slabs, and its lungs (`preprocess.reading.lungs`).
 
     `path` is a NIfTI file or a DICOM series folder; `series_files`, when given, are the series' files.
+    `crop` "lungs" resizes only the lungs' box (the whole scan when no lungs are found: such a scan
+    is refused by `scan_stats.hard_problems` before it is used); "none" the whole scan.
 
     Slices are windowed and resized in-plane a slab at a time, so the full-size float32 copy
     of the scan never exists: the working set stays in the CPU cache, which is what lets two
     workers share a memory bus. Each slice is resized on its own, so the result is the same
     as transforming the whole volume at once.
     """
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
     scan = open_any_scan(path, series_files)
-    depth = scan.stored.shape[2]
-    stats = StatsAccumulator(scan.stored.shape, scan.info.spacing_mm)
+    full_shape = scan.stored.shape
+    depth = full_shape[2]
+    stride = in_plane_stride(full_shape)
+    lungs = find_lungs(scan.hounsfield(stride=stride), stride, full_shape, scan.info.spacing_mm)
+    x0, x1, y0, y1, z0, z1 = lungs.box if crop == "lungs" else whole_volume(full_shape)
+    stats = StatsAccumulator(full_shape, scan.info.spacing_mm)
     slabs = []
     for start in range(0, depth, SLAB_SLICES):
         hu = scan.hounsfield(slice(start, start + SLAB_SLICES))
-        stats.add(hu)  # before windowing changes it in place
-        in_plane = (shape[0], shape[1], hu.shape[2])
-        slabs.append(resize_volume(window_volume(hu, hu_min, hu_max), in_plane))
+        stats.add(hu)  # before windowing changes it in place; the statistics describe the whole scan
+        kept = hu[x0:x1, y0:y1, max(z0 - start, 0):max(z1 - start, 0)]
+        if kept.shape[2]:
+            in_plane = (shape[0], shape[1], kept.shape[2])
+            slabs.append(resize_volume(window_volume(kept, hu_min, hu_max), in_plane))
     volume = resize_volume(np.concatenate(slabs, axis=2), shape)
     np.clip(volume, 0.0, 1.0, out=volume)  # float rounding in the averages may step past 1
-    return volume, replace(scan.info, stats=stats.result())
+    return volume, replace(scan.info, stats=stats.result(lungs))

@@ -25,9 +25,9 @@ from train.rundir.layout import CONFIG, METRICS, kept_model_name, read_state, ru
 log = logging.getLogger(__name__)
 
 COLUMNS = ("run", "date", "status", "cache", "task", "recipe", "epochs", "batch", "lr", "padding", "width", "seed",
-           "strategy", "val_auc", "test_auc", "test_acc", "kappa")
+           "strategy", "val_auc", "learned", "test_auc", "test_acc", "kappa")
 DESCENDING_BY_DEFAULT = ("date", "val_auc", "test_auc", "test_acc", "kappa")  # best or newest first
-OPTIONAL_COLUMNS = ("strategy", "kappa")  # left out of the table when no run has a value
+OPTIONAL_COLUMNS = ("strategy", "learned", "kappa")  # left out of the table when no run has a value
 DATE_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
@@ -55,6 +55,9 @@ class RunSummary:
     strategy: str | None = None
     best_epoch: int | None = None
     best_val_auc: float | None = None
+    # the run's model against chance on the validation split (metrics.json's `learned`): "yes", "no", or
+    # "cannot tell" (too few validation scans); None for a run made before the test, or a severity run
+    learned: str | None = None
     test_auc: float | None = None  # macro AUC for severity runs
     test_accuracy: float | None = None
     test_kappa: float | None = None  # quadratic weighted kappa; severity runs only
@@ -131,6 +134,8 @@ def read_run_summary(run_dir: Path, root: Path) -> RunSummary:
             and metrics.get("model", state.best_model) == kept_model_name(state, keep):
         if metrics.get("split", "test") == "test":
             values.update(_test_values(metrics, values.get("task")))
+        if "learned" in metrics:  # a fold's too: it is a validation result
+            values["learned"] = {True: "yes", False: "no", None: "cannot tell"}.get(metrics["learned"])
         # a cross-validation fold reports on its validation fold and never sees the test split:
         # its numbers are not test numbers (cv_summary.json has the folds' test report)
         status = "stopped early" if state.stopped_early else "finished"
@@ -212,6 +217,7 @@ _SORT_KEYS = {
     "seed": lambda run: run.seed,
     "strategy": lambda run: run.strategy,
     "val_auc": lambda run: run.best_val_auc,
+    "learned": lambda run: {"no": 0, "cannot tell": 1, "yes": 2}.get(run.learned),  # those that learned nothing first
     "test_auc": lambda run: run.test_auc,
     "test_acc": lambda run: run.test_accuracy,
     "kappa": lambda run: run.test_kappa,

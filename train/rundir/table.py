@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, replace
 
+from train.network.scores import SEPARATION_ALPHA
 from train.rundir.listing import COLUMNS, OPTIONAL_COLUMNS, RunSummary, parse_date
 
 SHORT_FINGERPRINT = 8
@@ -58,6 +59,7 @@ def _row_cells(run: RunSummary) -> dict[str, str]:
         "seed": plain(run.seed),
         "strategy": plain(run.strategy),
         "val_auc": number(run.best_val_auc),
+        "learned": {"cannot tell": "?"}.get(run.learned, plain(run.learned)),
         "test_auc": number(run.test_auc),
         "test_acc": number(run.test_accuracy),
         "kappa": "" if run.task == "binary" else number(run.test_kappa),
@@ -82,6 +84,11 @@ def _footer(runs: list[RunSummary], reference_fingerprint: str | None) -> list[s
         lines = [f"every run with a known cache was trained on the reference cache ({short})"]
     else:
         lines = ["no run records its cache fingerprint"]
+    if any(run.learned == "no" for run in runs):
+        lines.append("learned no: the model's validation AUC is not distinguishable from 0.5 (one-sided Mann-Whitney, "
+                     f"p >= {SEPARATION_ALPHA:g}): its probabilities carry no information")
+    if any(run.learned == "cannot tell" for run in runs):
+        lines.append("learned ?: too few validation scans to tell whether the model learned")
     lines += [f"damaged: {run.name}: {run.problem}" for run in runs if run.status == "damaged"]
     return lines
 

@@ -13,10 +13,11 @@ known when the run is made (`val_flag_rate`):
   Mahalanobis distance to the nearest class mean under one shared covariance (Lee et al. 2018),
   the covariance shrunk towards a multiple of the identity (Ledoit-Wolf), because 512 features
   outnumber the training scans. Flagged above the validation scans' 99th percentile.
-- **geometry**: field of view, voxel spacing and slice count along each axis, and the fraction of
-  lung-density voxels. Flagged outside the range of the training and validation scans widened by
-  GEOMETRY_MARGIN of its larger end: the reason can then say "field of view head-foot 90 mm;
-  training 300-300 mm".
+- **geometry**: field of view, voxel spacing and slice count along each axis, the fraction of
+  lung-density voxels, and the lungs' volume and extent along each axis. Flagged outside the range
+  of the training and validation scans widened by GEOMETRY_MARGIN of its larger end: the reason can
+  then say "field of view head-foot 90 mm; training 300-300 mm" (`train.trust.geometry`; a run
+  trained on a cache without the lungs does not check them).
 
 A run from a version-1 cache (no scan statistics) keeps only the features check; a run from
 before this module has no reference at all. Both are told in one line by `predict`.
@@ -36,21 +37,12 @@ import numpy as np
 from common.errors import UserError
 from common.files import read_json, write_json_atomically
 from preprocess.reading.scan_stats import HISTOGRAM_EDGES, ScanStats
+from train.trust.geometry import GEOMETRY_NAMES, allowed_range, geometry_values, judge_geometry, measured_names
 
 REFERENCE = "reference.json"
 REFERENCE_VERSION = 1
 K_NEAREST = 5
 THRESHOLD_PERCENTILE = 99.0
-GEOMETRY_MARGIN = 0.10
-AXES = ("left-right", "front-back", "head-foot")
-GEOMETRY = (  # name, how it is told, unit, value of a ScanStats
-    *((f"fov_{index}", f"field of view {axis}", "mm", lambda stats, i=index: stats.fov_mm[i])
-      for index, axis in enumerate(AXES)),
-    *((f"spacing_{index}", f"voxel spacing {axis}", "mm", lambda stats, i=index: stats.spacing_mm[i])
-      for index, axis in enumerate(AXES)),
-    ("slices", "slices", "", lambda stats: stats.slices),
-    ("lung_fraction", "lung-density fraction", "", lambda stats: stats.lung_fraction),
-)
 CHECKS = ("histogram", "features", "geometry")
 
 
@@ -109,10 +101,6 @@ def mahalanobis(features: np.ndarray, means: np.ndarray, precision: np.ndarray) 
     return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
 
 
-def geometry_values(stats: list[ScanStats]) -> np.ndarray:
-    return np.array([[value(item) for _, _, _, value in GEOMETRY] for item in stats], dtype=np.float64)
-
-
 def threshold_of(scores: np.ndarray) -> float:
     scores = np.asarray(scores, dtype=np.float64)
     return float(np.percentile(scores, THRESHOLD_PERCENTILE)) if len(scores) else float("inf")
@@ -132,6 +120,7 @@ class Reference:
     geometry_high: np.ndarray | None = None
     geometry_seen_low: np.ndarray | None = None  # the training and validation scans' own range
     geometry_seen_high: np.ndarray | None = None
+    geometry_names: tuple[str, ...] = ()  # what the four arrays above are of (`train.trust.geometry`)
     val_flag_rate: dict = field(default_factory=dict)  # check name -> share of validation scans flagged, "any"
 
     @property
@@ -157,28 +146,15 @@ class Reference:
         if verdict.flagged["histogram"]:
             verdict.add("histogram", f"its intensity histogram is {distance:.0f} HU from the training scans' "
                                    f"(validation scans at most {self.histogram_threshold:.0f} HU)")
-        values = geometry_values([stats])[0]
-        outside = (values < self.geometry_low) | (values > self.geometry_high)
-        verdict.scores["geometry"] = {name: float(value) for (name, *_), value in zip(GEOMETRY, values)}
-        verdict.thresholds["geometry"] = {name: [float(low), float(high)] for (name, *_), low, high
-                                          in zip(GEOMETRY, self.geometry_low, self.geometry_high)}
-        verdict.flagged["geometry"] = bool(outside.any())
-        for index in np.flatnonzero(outside):
-            _, told, unit, _ = GEOMETRY[index]
-            verdict.add("geometry", f"{told} {format_value(values[index], unit)} (training "
-                                   f"{format_range(self.geometry_seen_low[index], self.geometry_seen_high[index], unit)})")
+        names = self.geometry_names
+        scores, thresholds, reasons = judge_geometry(
+            geometry_values([stats], names)[0], names, self.geometry_low, self.geometry_high,
+            self.geometry_seen_low, self.geometry_seen_high)
+        verdict.scores["geometry"], verdict.thresholds["geometry"] = scores, thresholds
+        verdict.flagged["geometry"] = bool(reasons)
+        for reason in reasons:
+            verdict.add("geometry", reason)
         return verdict
-
-
-def format_value(value: float, unit: str) -> str:
-    if unit == "mm":
-        return f"{value:.3g} mm" if value < 10 else f"{value:.0f} mm"
-    return f"{value:.0f}" if float(value).is_integer() else f"{value:.2f}"
-
-
-def format_range(low: float, high: float, unit: str) -> str:
-    low_text, high_text = format_value(low, unit), format_value(high, unit)
-    return low_text if low_text == high_text else f"{low_text.removesuffix(' mm')}-{high_text}"
 
 
 def build_reference(model: str, train_features: np.ndarray, train_classes: np.ndarray, val_features: np.ndarray,
@@ -200,10 +176,11 @@ def build_reference(model: str, train_features: np.ndarray, train_classes: np.nd
         reference.histogram_threshold = threshold_of(val_distances)
         flags["histogram"] = val_distances > reference.histogram_threshold
         seen = geometry_values([*train_stats, *val_stats])
+        reference.geometry_names = measured_names(seen)  # a cache without the lungs: not the lungs' entries
+        seen = geometry_values([*train_stats, *val_stats], reference.geometry_names)
         reference.geometry_seen_low, reference.geometry_seen_high = seen.min(axis=0), seen.max(axis=0)
-        margin = GEOMETRY_MARGIN * np.maximum(np.abs(reference.geometry_seen_low), np.abs(reference.geometry_seen_high))
-        reference.geometry_low = rounded(reference.geometry_seen_low - margin)
-        reference.geometry_high = rounded(reference.geometry_seen_high + margin)
+        low, high = allowed_range(reference.geometry_seen_low, reference.geometry_seen_high)
+        reference.geometry_low, reference.geometry_high = rounded(low), rounded(high)
         flags["geometry"] = np.zeros(len(val_stats), dtype=bool)  # the range includes them
     reference.val_flag_rate = {name: float(np.mean(flag)) for name, flag in flags.items()}
     reference.val_flag_rate["any"] = float(np.mean(np.any(np.stack(list(flags.values())), axis=0)))
@@ -225,7 +202,7 @@ def write_reference(run_dir: Path, reference: Reference) -> Path:
     """reference.json: plain JSON, like every file of a run (see `common.files`); about 3 MB for 512 features."""
     document = {"version": REFERENCE_VERSION, "model": reference.model,
                 "feature_threshold": reference.feature_threshold, "histogram_threshold": reference.histogram_threshold,
-                "val_flag_rate": reference.val_flag_rate, "geometry": [name for name, *_ in GEOMETRY],
+                "val_flag_rate": reference.val_flag_rate, "geometry": list(reference.geometry_names),
                 "histogram_edges": HISTOGRAM_EDGES.tolist(),
                 **{name: rounded(getattr(reference, name)).tolist() for name in ARRAYS
                    if getattr(reference, name) is not None}}
@@ -239,8 +216,11 @@ def read_reference(run_dir: Path) -> Reference | None:
     if not path.is_file():
         return None
     document = read_json(path)
+    names = document.get("geometry")  # a run made before the lungs were measured lists fewer: still read
+    known_names = isinstance(names, list) and all(isinstance(name, str) and name in GEOMETRY_NAMES for name in names) \
+        and len(set(names)) == len(names)
     if document.get("version") != REFERENCE_VERSION or document.get("histogram_edges") != HISTOGRAM_EDGES.tolist() \
-            or document.get("geometry") != [name for name, *_ in GEOMETRY]:
+            or not known_names:
         raise UserError(f"{path}: made by another version of this tool, or damaged; refit the run "
                         "(`fit --resume` on the finished run) to check its inputs")
     arrays = {}
@@ -257,7 +237,7 @@ def read_reference(run_dir: Path) -> Reference | None:
     return Reference(model=document["model"], feature_threshold=float(document["feature_threshold"]),
                      histogram_threshold=None if document["histogram_threshold"] is None
                      else float(document["histogram_threshold"]),
-                     val_flag_rate=rates if isinstance(rates, dict) else {},
+                     val_flag_rate=rates if isinstance(rates, dict) else {}, geometry_names=tuple(names),
                      **{name: arrays.get(name) for name in ARRAYS})
 
 
@@ -284,7 +264,7 @@ def _reference_problem(document: dict, arrays: dict) -> str | None:
         if cdfs.ndim != 2 or cdfs.shape[1] != len(HISTOGRAM_EDGES) - 1 or not len(cdfs):
             return "histograms of the wrong shape"
         for name in ARRAYS[3:]:
-            if arrays.get(name) is None or arrays[name].shape != (len(GEOMETRY),):
+            if arrays.get(name) is None or arrays[name].shape != (len(document["geometry"]),):
                 return f"{name} of the wrong shape"
     if not all(np.isfinite(array).all() for array in arrays.values()):
         return "values that are not finite"

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import UserError
+from common.files import read_json
 from train.network.tasks import Task, task_from_config
-from train.rundir.layout import CV_SUMMARY, fold_dir, fold_dirs, model_path, open_run
+from train.rundir.layout import CV_SUMMARY, METRICS, fold_dir, fold_dirs, model_path, open_run
 from train.trust.calibration import (
     LIKELIHOOD_RATIO_CRITICAL, Calibration, calibrate, probabilities_from_logits, read_calibration, write_calibration,
 )
@@ -39,6 +40,7 @@ class ServedModel:
     model: object  # keras.Model
     calibration: Calibration | None
     reference: Reference | None
+    learned: bool | None = None  # metrics.json's separation test of this model (None: untested, or too few scans)
 
     @property
     def temperature(self) -> float:
@@ -95,9 +97,10 @@ def outputs_for_rows(model, reader, rows: np.ndarray, batch_size: int = 2) -> tu
 # -- made by fit ------------------------------------------------------------------------------------
 def fit_calibration_and_reference(run_dir: Path, model, model_name: str, reader, task: Task,
                                   train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray]
-                                  ) -> tuple[Calibration, Reference]:
+                                  ) -> tuple[Calibration, Reference, np.ndarray]:
     """calibration.json (the temperature, fitted on the validation rows) and reference.json (from the training
-    rows, thresholds on the validation rows) for the run's model `model_name`; `train`, `val`: (rows, classes)."""
+    rows, thresholds on the validation rows) for the run's model `model_name`; `train`, `val`: (rows, classes).
+    Also returns the validation rows' logits, which `fit` tests for separation (`train.network.scores`)."""
     (train_rows, train_classes), (val_rows, val_classes) = train, val
     train_features, _ = outputs_for_rows(model, reader, train_rows)
     val_features, val_logits = outputs_for_rows(model, reader, val_rows)
@@ -127,7 +130,7 @@ def fit_calibration_and_reference(run_dir: Path, model, model_name: str, reader,
     log.info("calibration: temperature %.3f (validation NLL %.4f -> %.4f); reference of %d training scans, "
              "validation scans flagged: %s", calibration.temperature, calibration.nll_before, calibration.nll_after,
              len(train_rows), ", ".join(f"{name} {100 * rate:.1f}%" for name, rate in reference.val_flag_rate.items()))
-    return calibration, reference
+    return calibration, reference, val_logits
 
 
 # -- opened by predict and evaluate -------------------------------------------------------------------
@@ -166,6 +169,17 @@ def open_configs(path: Path) -> tuple[list[Path], list[dict]]:
     return dirs, configs
 
 
+def read_learned(run_dir: Path, model_name: str) -> bool | None:
+    """Whether `fit` found the run's model `model_name` to separate the validation split's classes
+    (metrics.json's `learned`); None for a run made before that test, another model, or a damaged file."""
+    try:
+        metrics = read_json(Path(run_dir) / METRICS)
+    except UserError:
+        return None  # missing or damaged: predict does not need metrics.json, and `runs` reports the damage
+    learned = metrics.get("learned") if metrics.get("model") == model_name else None
+    return learned if isinstance(learned, bool) else None
+
+
 def load_served(dirs: list[Path], configs: list[dict]) -> list[ServedModel]:
     """Load each member's model, calibration and reference (TensorFlow must be loaded)."""
     from train.rundir.models import load_run_model
@@ -179,7 +193,14 @@ def load_served(dirs: list[Path], configs: list[dict]) -> list[ServedModel]:
             calibration = None  # fitted for a model the run no longer serves
         if reference is not None and reference.model != name:
             reference = None
-        served.append(ServedModel(directory, config, task_from_config(config), model, calibration, reference))
+        served.append(ServedModel(directory, config, task_from_config(config), model, calibration, reference,
+                                  read_learned(directory, name)))
+    not_learned = [str(member.run_dir) for member in served if member.learned is False]
+    if not_learned:
+        one = len(not_learned) == 1
+        log.warning("%s: %s not learned to separate the classes (validation AUC not distinguishable from 0.5), so "
+                    "%s probabilities carry no information", ", ".join(not_learned),
+                    "the model has" if one else "these fold models have", "its" if one else "their")
     without_calibration = [str(member.run_dir) for member in served if member.calibration is None]
     if without_calibration:
         log.warning("%s: no calibration (made before calibration, or by hand): its probabilities are the raw "
