@@ -52,6 +52,9 @@ ARMS = {  # name: (build --crop, fit --batch-size, more fit flags)
     "crop-b8-avgmax": ("lungs", 8, ["--pooling", "avgmax"]),
     "crop-b8-lr1e-3": ("lungs", 8, ["--lr", "1e-3"]),
     "crop-b8-avgmax-lr1e-3": ("lungs", 8, ["--pooling", "avgmax", "--lr", "1e-3"]),
+    "crop-b2-group": ("lungs", 2, ["--norm", "group"]),
+    "crop-b2-instance": ("lungs", 2, ["--norm", "instance"]),
+    "crop-b4-lr6e-4": ("lungs", 4, ["--lr", "6e-4"]),
 }
 BANDS = ((0.001, 0.01), (0.01, 0.05), (0.05, 0.25))
 

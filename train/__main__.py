@@ -21,7 +21,7 @@ from train.network.precision import PRECISIONS  # noqa: E402
 from train.network.tasks import TASKS  # noqa: E402
 from train.rundir.listing import COLUMNS as RUN_COLUMNS  # noqa: E402
 from train.options import (  # noqa: E402
-    KEEPS, MAX_BENCH_SAMPLES, MAX_LEARNING_RATE, MIN_LEARNING_RATE, PADDINGS, POOLINGS, RECIPES,
+    KEEPS, MAX_BENCH_SAMPLES, MAX_LEARNING_RATE, MIN_LEARNING_RATE, NORMS, PADDINGS, POOLINGS, RECIPES,
     SCHEDULES, WHOLE_NUMBER_RANGES, FitOptions,
 )
 
@@ -163,6 +163,8 @@ def add_fit_arguments(parser, run_dir_help: str, resume_help: str) -> None:
     model.add_argument("--pooling", choices=POOLINGS, default=DEFAULTS.pooling,
                        help="global pooling before the dense head (avgmax: both, concatenated); "
                        "from the recipe%(default).0s")
+    model.add_argument("--norm", choices=NORMS, default=DEFAULTS.norm, help="after each block: BatchNorm (the "
+                       "tutorial's), GroupNorm (8 groups) or InstanceNorm: the last two, each scan's own statistics")
     model.add_argument("--bn-momentum", type=within(float, 0.0, 0.999999), default=DEFAULTS.bn_momentum,
                        metavar="M", help="momentum of BatchNorm's moving statistics; from the recipe%(default).0s")
 
@@ -218,7 +220,7 @@ def fit_options_of(arguments) -> FitOptions:
         warmup_epochs=arguments.warmup_epochs, bn_momentum=arguments.bn_momentum,
         precise_bn_scans=arguments.precise_bn_scans, pooling=arguments.pooling, keep=arguments.keep,
         patience=arguments.patience,
-        seed=arguments.seed, padding=arguments.padding, width=arguments.width, precision=arguments.precision,
+        seed=arguments.seed, padding=arguments.padding, width=arguments.width, norm=arguments.norm, precision=arguments.precision,
         strategy=arguments.strategy,
         task=arguments.task, resume=arguments.resume, quiet=arguments.quiet,
     )

@@ -14,6 +14,7 @@ from train.rundir.layout import KEEPS
 PADDINGS = ("valid", "same")
 SCHEDULES = ("tutorial", "cosine")
 POOLINGS = ("avg", "max", "avgmax")
+NORMS = ("batch", "group", "instance")  # the normalisation after each block (train.network.model)
 # Options a --resume may change: they do not change what the finished run computes (epochs only
 # extends or shortens the schedule; keep only chooses between the two models every run keeps;
 # quiet and resume are about this invocation).
@@ -72,6 +73,7 @@ class FitOptions:
     seed: int = 0
     padding: str = "valid"
     width: float = 1.0  # every layer's width times this; 1: the tutorial's network
+    norm: str = "batch"  # BatchNorm (the tutorial's), GroupNorm or InstanceNorm after each block
     precision: str | None = None  # auto: mixed_bfloat16 where the hardware runs bfloat16 natively
     strategy: str = "auto"  # see train.loop.distribute
     task: str = "binary"  # see train.network.tasks
@@ -112,6 +114,8 @@ def check_fit_options(options: FitOptions) -> None:
         raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {options.schedule!r}")
     if options.schedule == "tutorial" and options.warmup_epochs:
         raise UserError("--warmup-epochs needs --schedule cosine (the tutorial's schedule has no warm-up)")
+    if options.norm not in NORMS:
+        raise UserError(f"--norm must be one of {', '.join(NORMS)}, got {options.norm!r}")
     if options.pooling not in POOLINGS:
         raise UserError(f"--pooling must be one of {', '.join(POOLINGS)}, got {options.pooling!r}")
     if options.keep not in KEEPS:
@@ -142,7 +146,8 @@ def changed_options(recorded: dict, options: FitOptions) -> list[str]:
     current = options.to_json()
     if "recipe" not in recorded:  # a run from before recipes existed trained with the tutorial's
         recorded = {**recorded, "recipe": "tutorial", **RECIPES["tutorial"]}
-    recorded = {"width": 1.0, **recorded}  # a run from before --width trained the tutorial's width
+    # a run from before --width or --norm trained the tutorial's width and BatchNorm
+    recorded = {"width": 1.0, "norm": "batch", **recorded}
     return [
         f"--{name.replace('_', '-')} {recorded.get(name)!r} in the run, {current[name]!r} now"
         for name in current

@@ -79,7 +79,7 @@ def make_optimizer(options: FitOptions, steps_per_epoch: int) -> keras.optimizer
 def make_compiled_model(input_shape, options: FitOptions, task: Task, steps_per_epoch: int) -> keras.Model:
     model = build_model(tuple(input_shape), padding=options.padding, precision=options.precision,
                         architecture=scaled(options.width), classes=task.output_units,
-                        bn_momentum=options.bn_momentum, pooling=options.pooling)
+                        bn_momentum=options.bn_momentum, pooling=options.pooling, norm=options.norm)
     model.compile(
         optimizer=make_optimizer(options, steps_per_epoch),
         loss=make_loss(task),

@@ -6,10 +6,12 @@ from keras import layers
 
 from train.network.architecture import TUTORIAL, Architecture, check_input_shape
 
+GROUPS = 8  # GroupNorm's groups (Wu and He's 32 is for 2D networks with many more channels)
+
 
 def build_model(input_shape: tuple[int, int, int], padding: str = "valid", precision: str = "float32",
                 architecture: Architecture = TUTORIAL, name: str = "3dcnn", classes: int = 1,
-                bn_momentum: float = 0.99, pooling: str = "avg") -> keras.Model:
+                bn_momentum: float = 0.99, pooling: str = "avg", norm: str = "batch") -> keras.Model:
     """Functional 3D CNN for (H, W, D) volumes with a channel axis.
 
     With `classes` 1 it returns P(abnormal) (the tutorial's sigmoid); with more, a softmax over
@@ -18,6 +20,9 @@ def build_model(input_shape: tuple[int, int, int], padding: str = "valid", preci
     in 16 bits. `bn_momentum` is BatchNorm's (Keras's default 0.99, the tutorial's). `pooling`
     is the global pooling before the head: avg (the tutorial's), max, or avgmax (both,
     concatenated: a lesion of a few voxels moves the maximum even where it hardly moves the mean).
+    `norm` is the normalisation after each block: batch (BatchNorm, the tutorial's), group (GroupNorm,
+    `GROUPS` groups) or instance (InstanceNorm: a group per channel); the last two normalise each
+    scan by its own statistics, so the batch size does not change what they see.
     """
     check_input_shape(tuple(input_shape), padding, architecture)
     inputs = keras.Input((*input_shape, 1), name="volume")
@@ -26,7 +31,11 @@ def build_model(input_shape: tuple[int, int, int], padding: str = "valid", preci
         features = layers.Conv3D(filters, architecture.kernel_size, padding=padding, activation="relu",
                                  dtype=precision, name=f"conv{index}")(features)
         features = layers.MaxPool3D(architecture.pool_size, dtype=precision, name=f"pool{index}")(features)
-        features = layers.BatchNormalization(momentum=bn_momentum, dtype=precision, name=f"norm{index}")(features)
+        if norm == "batch":
+            features = layers.BatchNormalization(momentum=bn_momentum, dtype=precision, name=f"norm{index}")(features)
+        else:
+            groups = -1 if norm == "instance" else min(GROUPS, filters)
+            features = layers.GroupNormalization(groups=groups, dtype=precision, name=f"norm{index}")(features)
     if pooling == "avg":
         features = layers.GlobalAveragePooling3D(dtype=precision, name="global_pool")(features)
     elif pooling == "max":

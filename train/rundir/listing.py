@@ -24,8 +24,8 @@ from train.rundir.layout import CONFIG, METRICS, kept_model_name, read_state, ru
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("run", "date", "status", "cache", "task", "recipe", "epochs", "batch", "lr", "padding", "width", "seed",
-           "strategy", "val_auc", "learned", "test_auc", "test_acc", "kappa")
+COLUMNS = ("run", "date", "status", "cache", "task", "recipe", "epochs", "batch", "lr", "padding", "width", "norm",
+           "seed", "strategy", "val_auc", "learned", "test_auc", "test_acc", "kappa")
 DESCENDING_BY_DEFAULT = ("date", "val_auc", "test_auc", "test_acc", "kappa")  # best or newest first
 OPTIONAL_COLUMNS = ("strategy", "learned", "kappa")  # left out of the table when no run has a value
 DATE_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -51,6 +51,7 @@ class RunSummary:
     learning_rate: float | None = None
     padding: str | None = None
     width: float | None = None  # --width; 1 for runs from before it
+    norm: str | None = None  # --norm; batch for runs from before it
     seed: int | None = None
     strategy: str | None = None
     best_epoch: int | None = None
@@ -164,6 +165,7 @@ def _config_values(config: dict) -> dict:
         "learning_rate": _real(options.get("learning_rate")),
         "padding": _text(options.get("padding")),
         "width": _real(options.get("width", 1.0)),  # a run from before --width trained width 1
+        "norm": _text(options.get("norm", "batch")),  # and one from before --norm, BatchNorm
         "seed": _whole(options.get("seed")),
         "strategy": _text(options.get("strategy")),
     }
@@ -214,6 +216,7 @@ _SORT_KEYS = {
     "lr": lambda run: run.learning_rate,
     "padding": lambda run: run.padding,
     "width": lambda run: run.width,
+    "norm": lambda run: run.norm or "",
     "seed": lambda run: run.seed,
     "strategy": lambda run: run.strategy,
     "val_auc": lambda run: run.best_val_auc,

@@ -56,6 +56,7 @@ def _row_cells(run: RunSummary) -> dict[str, str]:
         "lr": "-" if run.learning_rate is None else format_learning_rate(run.learning_rate),
         "padding": plain(run.padding),
         "width": "-" if run.width is None else f"{run.width:g}",
+        "norm": run.norm or "-",
         "seed": plain(run.seed),
         "strategy": plain(run.strategy),
         "val_auc": number(run.best_val_auc),
