@@ -42,6 +42,9 @@ ARMS = {  # name: (cache shape, fit flags beyond the demo's)
     "64x16-w0.5-e12": ((64, 64, 16), ["--epochs", "12", "--width", "0.5"]),
     "64x16-w0.5-e16": ((64, 64, 16), ["--epochs", "16", "--width", "0.5"]),  # the demo since --width
     "64x16-w0.5-e16-lr6e-4": ((64, 64, 16), ["--epochs", "16", "--width", "0.5", "--lr", "6e-4"]),
+    "64x16-w0.5-e20": ((64, 64, 16), ["--epochs", "20", "--width", "0.5"]),
+    "64x16-w0.5-e16-b8": ((64, 64, 16), ["--epochs", "16", "--width", "0.5", "--batch-size", "8"]),
+    "64x16-w0.5-e16-b4": ((64, 64, 16), ["--epochs", "16", "--width", "0.5", "--batch-size", "4"]),
 }
 
 

@@ -68,7 +68,7 @@ def main() -> None:
 
     options = resolve_recipe(FitOptions(cache=arguments.cache, padding=arguments.padding, pooling=arguments.pooling,
                                         precision=arguments.precision, epochs=2, quiet=True))
-    options = FitOptions(**{**options.__dict__, "precision": resolve_precision(options.precision)})
+    options = FitOptions(**{**options.__dict__, "precision": resolve_precision(options.precision).policy})
     peak, peak_arithmetic = ((arguments.peak_gflops, f"{arguments.peak_gflops:.0f} GFLOP/s (given)")
                              if arguments.peak_gflops else peak_float32_gflops())
     print(describe_machine())

@@ -1,17 +1,24 @@
-"""Command-line plumbing shared by both stages: one-line errors, value checks, logging setup."""
+"""Command-line plumbing shared by both stages: one-line errors (tracebacks with MOSMED3D_DEBUG=1), value checks,
+logging setup."""
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
+import os
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Mapping
+from typing import NoReturn
 
 from common.errors import UserError
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
+# set to 1 to see the traceback above any one-line error
+DEBUG_VARIABLE = "MOSMED3D_DEBUG"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -102,13 +109,54 @@ def configure_logging(quiet: bool) -> None:
     )
 
 
-def run_command(prog: str, command: Callable[[], int | None]) -> int:
-    """Run a command function, turning the user's errors and Ctrl-C into one line and an exit code."""
+def debugging(environment: Mapping[str, str] = os.environ) -> bool:
+    """Whether MOSMED3D_DEBUG asks for tracebacks above the one-line errors (any value but "" and "0")."""
+    return environment.get(DEBUG_VARIABLE, "").strip() not in ("", "0")
+
+
+def report_error(prog: str, error: BaseException, line: str) -> int:
+    """Print an error as one line on stderr (its traceback above it with MOSMED3D_DEBUG=1); the exit code."""
+    if debugging():
+        traceback.print_exception(error, file=sys.stderr)
+    print(f"{prog}: error: {line}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def run_command(prog: str, command: Callable[[], int | None],
+                describe_failure: Callable[[BaseException], str | None] | None = None) -> int:
+    """Run a command function, turning the user's errors, the failures `describe_failure` puts in one line
+    (TensorFlow's, for `train`) and Ctrl-C into one line and an exit code. Anything else is a bug and raises.
+
+    Whatever the command left behind is freed before this returns: a failed `train` command leaves
+    its tf.data pipelines in reference cycles (the exception's traceback holds their frames). Freed
+    at interpreter exit instead, a pipeline waits for the reads its threads had started in
+    `tf.numpy_function`, but Python ends any thread that asks for the GIL once it is finalizing: the
+    wait never ends, and the process hangs on a futex (seen in gdb: the main thread in
+    MapAndBatchDatasetOp's iterator destructor under Py_FinalizeEx's last garbage collection).
+    """
     try:
-        return command() or 0
+        code = command() or 0
     except UserError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_FAILED
+        code = report_error(prog, error, str(error))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing was replaced", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        code = EXIT_INTERRUPTED
+    except Exception as error:
+        line = describe_failure(error) if describe_failure is not None else None
+        if line is None:
+            raise
+        code = report_error(prog, error, line)
+    gc.collect()  # the error, and with it the traceback's frames, is gone: free their cycles now
+    return code
+
+
+def exit_with(main: Callable[[], int]) -> NoReturn:
+    """`sys.exit(main())` for a `__main__` block, where a bug's traceback is printed here rather than by
+    the interpreter at exit, so that what it holds is freed while threads can still finish (`run_command`)."""
+    try:
+        code = main()
+    except Exception:  # a bug: the traceback Python would print, and its exit code
+        traceback.print_exc()
+        code = EXIT_FAILED
+    gc.collect()
+    sys.exit(code)

@@ -16,7 +16,7 @@ from train.__main__ import main, make_parser
 COMMANDS = {
     "fit": ["--run-dir", "--epochs", "--batch-size", "--lr", "--patience", "--seed", "--padding", "--precision",
             "--recipe", "--schedule", "--warmup-epochs", "--bn-momentum", "--precise-bn-scans", "--pooling",
-            "--width", "--resume", "--quiet"],
+            "--width", "--norm", "--resume", "--quiet"],
     "evaluate": ["--split"],
     "predict": ["--json"],
     "bench-input": ["--samples", "--batch-size"],
@@ -95,6 +95,7 @@ def test_a_run_directory_without_a_model_in_a_real_process(tmp_path, tiny_cache)
     (["--padding", "full"], "--padding"),
     (["--width", "0"], "--width"),
     (["--width", "8"], "--width"),
+    (["--norm", "layer"], "--norm"),
 ])
 def test_bad_fit_flags_exit_2_with_one_line(tiny_cache, arguments, fragment, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -24,6 +24,7 @@ from preprocess.cache import CacheReader  # noqa: E402
 from train.__main__ import main  # noqa: E402
 from train.evaluate import evaluate_run  # noqa: E402
 from train.fit import fit_model  # noqa: E402
+from conftest import run_python_module  # noqa: E402
 from train.options import DEFAULT_RECIPE, RECIPES, FitOptions  # noqa: E402
 from train.predict import predict_scans  # noqa: E402
 from train.rundir.layout import model_path, read_history, read_state  # noqa: E402
@@ -142,9 +143,10 @@ def test_predict_prints_the_tutorials_sentence_for_real_ct_with_the_warning(trai
     assert main(["predict", str(trained_run), *map(str, abdomen)]) == 1  # no lungs to judge: no probability
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert [line.split(": ", 1)[1] for line in captured.err.strip().splitlines()] == [
-        "not assessed: only 116 mL of lung over 36 mm head to foot; a chest CT we can judge shows at least 200 mL "
-        "(an abdomen CT with the lung bases at its edge?)"] * 2
+    reason = ("not assessed: only 116 mL of lung over 36 mm head to foot; a chest CT we can judge shows at least "
+              "200 mL (an abdomen CT with the lung bases at its edge?)")
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 2 and all(line.endswith(f"{scan}: {reason}") for line, scan in zip(lines, abdomen))
     assert main(["predict", str(trained_run), *map(str, scans)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(scans)
@@ -438,3 +440,21 @@ def test_a_run_whose_reference_predates_the_lungs_still_predicts(trained_run, sy
     assert result["in_distribution"] is not None and result["probability_abnormal"] is not None
     assert set(result["ood_scores"]["geometry"]["score"]) == {"fov_0", "fov_1", "fov_2", "spacing_0", "spacing_1",
                                                               "spacing_2", "slices", "lung_fraction"}
+
+
+def test_a_cache_from_before_the_lung_crop_still_trains_with_one_line(tiny_cache, tmp_path):
+    from test_build import make_version_2
+
+    old = tmp_path / "old.h5"
+    shutil.copy(tiny_cache, old)
+    make_version_2(old)
+    result = run_python_module("train", "fit", str(old), "--run-dir", str(tmp_path / "run"), "--epochs", "1",
+                               "--padding", "same", "--precision", "float32", "--quiet")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "lung boxes" in line]
+    assert len(lines) == 1 and f"{old} has no lung boxes (a version-2 cache, built before the lung crop)" in lines[0]
+    assert (tmp_path / "run" / "metrics.json").is_file()
+    # the negative case: a current cache trains without the line
+    current = run_python_module("train", "fit", str(tiny_cache), "--run-dir", str(tmp_path / "run2"), "--epochs", "1",
+                                "--padding", "same", "--precision", "float32", "--quiet")
+    assert current.returncode == 0 and "lung boxes" not in current.stderr

@@ -33,6 +33,25 @@ def test_the_tutorials_layers_in_order():
     assert model.input_shape == (None, *TINY, 1) and model.output_shape == (None, 1)
 
 
+@pytest.mark.parametrize("norm, groups", [("group", [8, 8, 8, 8]), ("instance", [64, 64, 128, 256])])
+def test_group_and_instance_norm_replace_batchnorm_in_every_block(norm, groups):
+    model = build_model(TINY, padding="same", norm=norm)
+    assert not [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.GroupNormalization)]
+    assert [layer.name for layer in norms] == ["norm1", "norm2", "norm3", "norm4"]
+    assert [layer.groups for layer in norms] == groups
+    # each scan is normalised by its own statistics: a scan's output does not depend on its batch-mates
+    rng = np.random.default_rng(0)
+    volumes = rng.uniform(0, 1, (3, *TINY, 1)).astype(np.float32)
+
+    def features(network, batch):  # the last block's output in training mode (no dropout before it)
+        return keras.Model(network.input, network.get_layer("norm4").output)(batch, training=True).numpy()
+
+    np.testing.assert_allclose(features(model, volumes[:1]), features(model, volumes)[:1], atol=1e-3)
+    batch_model = build_model(TINY, padding="same", norm="batch")  # the negative case: BatchNorm's do
+    assert not np.allclose(features(batch_model, volumes[:1]), features(batch_model, volumes)[:1], atol=0.1)
+
+
 def test_valid_padding_needs_46_voxels_per_axis():
     assert minimum_axis_size("valid") == 46
     assert min(feature_map_sizes(46, "valid")) == 1 and min(feature_map_sizes(45, "valid")) == 0

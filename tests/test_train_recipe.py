@@ -28,7 +28,7 @@ from train.loop.precise_bn import (  # noqa: E402
 )
 from train.loop.loop import make_precise_bn_batches, make_schedule  # noqa: E402
 from train.hardware import cpu_flags  # noqa: E402
-from train.network.precision import native_bfloat16, resolve_precision  # noqa: E402
+from train.network.precision import auto_precision, resolve_precision, this_machine  # noqa: E402
 from train.rundir.layout import model_path, read_history, read_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,18 +135,15 @@ def test_a_run_from_before_width_resumes_only_at_width_1():
     assert changed_options(old, resolve_recipe(FitOptions(width=0.5))) == ["--width 1.0 in the run, 0.5 now"]
 
 
-def test_precision_auto_takes_bfloat16_only_where_it_is_native(tmp_path):
-    assert native_bfloat16([], {"avx512f", "avx512_bf16"}) and native_bfloat16([], {"amx_bf16"})
-    assert not native_bfloat16([], {"avx512f", "avx2"})
-    assert native_bfloat16([(8, 0), (9, 0)], set()) and not native_bfloat16([(7, 5)], {"avx512_bf16"})
-    assert not native_bfloat16([(8, 6), (7, 0)], set())  # every GPU must have it
+def test_precision_auto_on_this_machine_is_the_decision_on_what_it_reads(tmp_path):
+    """The pure decision is tested per combination in test_precision.py; here, that `resolve_precision`
+    feeds it this machine (no GPU) and that the flags are read from /proc/cpuinfo's first CPU."""
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512_bf16 amx_tile\n\nprocessor\t: 1\nflags\t: fpu\n")
     assert cpu_flags(info) == {"fpu", "sse", "avx512_bf16", "amx_tile"}
     assert cpu_flags(tmp_path / "missing") == set()
-    assert resolve_precision("float32") == "float32"
-    expected = "mixed_bfloat16" if native_bfloat16([], cpu_flags()) else "float32"  # this machine (no GPU)
-    assert resolve_precision("auto") == expected
+    assert resolve_precision("float32").policy == "float32"
+    assert resolve_precision("auto") == auto_precision(*this_machine())
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
@@ -224,9 +221,19 @@ def test_tutorial_recipe_trains_as_the_code_before_recipes_on_this_machine(tiny_
             assert row[name] == pytest.approx(reference[name], rel=1e-6, abs=1e-7), (row["epoch"], name)
 
 
-def test_tutorial_recipe_reproduces_the_history_of_the_code_before_recipes(tiny_cache, tmp_path):
+@pytest.fixture(scope="module")
+def whole_scan_cache(synthetic_raw, tmp_path_factory) -> Path:
+    """`tiny_cache` as the code before the lung crop built it (`--crop none`): what the golden history trained on."""
+    from preprocess.engine.build import BuildOptions, build_cache
+
+    out = tmp_path_factory.mktemp("whole") / "tiny-whole.h5"
+    build_cache(BuildOptions(raw=synthetic_raw, out=out, jobs=1, shape=(32, 32, 16), quiet=True, crop="none"))
+    return out
+
+
+def test_tutorial_recipe_reproduces_the_history_of_the_code_before_recipes(whole_scan_cache, tmp_path):
     """tests/data/tutorial_recipe_history.json holds what the code before recipes (commit dc2092b) wrote on this
-    fixture, once per kind of CPU kernels; compared only where this process runs the same kernels."""
+    fixture's whole scans, once per kind of CPU kernels; compared only where this process runs the same kernels."""
     from train.hardware import numerics_key
 
     golden = json.loads(GOLDEN.read_text())
@@ -234,7 +241,7 @@ def test_tutorial_recipe_reproduces_the_history_of_the_code_before_recipes(tiny_
     if key not in golden["histories"]:
         pytest.skip(f"no history of the code before recipes recorded for {key!r} (recorded: "
                     f"{', '.join(golden['histories'])}); the same-machine comparison above still runs")
-    history = fit_tutorial_recipe(tiny_cache, tmp_path / "tutorial", golden["seed"], golden["epochs"])
+    history = fit_tutorial_recipe(whole_scan_cache, tmp_path / "tutorial", golden["seed"], golden["epochs"])
     assert len(history) == len(golden["histories"][key])
     for row, expected in zip(history, golden["histories"][key]):
         for name, value in expected.items():

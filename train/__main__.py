@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 from pathlib import Path
@@ -12,9 +11,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from common.cli import (  # noqa: E402
-    EXIT_INTERRUPTED, ArgumentParser, configure_logging, non_negative_int, positive_float, positive_int, run_command,
+    EXIT_INTERRUPTED, ArgumentParser, configure_logging, exit_with, non_negative_int, positive_float, positive_int,
+    run_command,
 )
 from preprocess.cache.schema import SPLIT_NAMES  # noqa: E402
+from train.failures import describe_failure  # noqa: E402
 from train.loop.distribute import STRATEGIES  # noqa: E402
 from train.network.architecture import MAX_WIDTH, MIN_WIDTH  # noqa: E402
 from train.network.precision import PRECISIONS  # noqa: E402
@@ -126,7 +127,7 @@ def make_parser() -> ArgumentParser:
     bench.add_argument("cache", type=Path, metavar="CACHE", help="cache file")
     bench.add_argument("--samples", type=within(positive_int, 1, MAX_BENCH_SAMPLES), default=200,
                        help="samples to time (after a warm-up)")
-    bench.add_argument("--batch-size", type=whole_number("batch_size"), default=DEFAULTS.batch_size,
+    bench.add_argument("--batch-size", type=whole_number("batch_size"), default=2,
                        help="volumes per batch")
     bench.add_argument("--seed", type=whole_number("seed"), default=DEFAULTS.seed, help="seed of order and angles")
     return parser
@@ -149,7 +150,8 @@ def add_fit_arguments(parser, run_dir_help: str, resume_help: str) -> None:
                       help="binary: normal vs abnormal (the tutorial's); severity: softmax over the MosMedData "
                       "grades CT-0 ... CT-4 present in the cache")
     data.add_argument("--batch-size", type=whole_number("batch_size"), default=DEFAULTS.batch_size,
-                      help="volumes per batch and replica (the global batch is this times the replicas)")
+                      help="volumes per batch and replica (the global batch is this times the replicas); "
+                      "from the recipe%(default).0s")
     data.add_argument("--seed", type=whole_number("seed"), default=DEFAULTS.seed,
                       help="seed of the initial weights, the data order and the augmentation (and of the folds)")
 
@@ -204,8 +206,9 @@ def add_fit_arguments(parser, run_dir_help: str, resume_help: str) -> None:
     execution.add_argument("--resume", action="store_true", help=resume_help)
     execution.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision,
                            help="Keras dtype policy (the output layer always computes in float32); auto: "
-                           "mixed_bfloat16 on a GPU of compute capability >= 8.0 or a CPU with AVX512_BF16 or AMX, "
-                           "else float32; from the recipe%(default).0s")
+                           "mixed_bfloat16 on a GPU of compute capability >= 8.0, or where oneDNN's CPU kernels may "
+                           "use AVX512_BF16 or AMX (not with TF_ENABLE_ONEDNN_OPTS=0 or a lower ONEDNN_MAX_CPU_ISA), "
+                           "else float32; the strategy line says why; from the recipe%(default).0s")
     execution.add_argument("--strategy", choices=STRATEGIES, default=DEFAULTS.strategy,
                            help="tf.distribute strategy: mirrored (one replica per local GPU), multiworker (processes "
                            "or machines named by TF_CONFIG; needs --run-dir), default (one device), auto (mirrored "
@@ -231,12 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(getattr(arguments, "quiet", False))
     command = {"fit": run_fit, "cv": run_cv, "evaluate": run_evaluate, "predict": run_predict, "runs": run_runs,
                "bench-input": run_bench}
-    code = run_command(PROG, lambda: command[arguments.command](arguments))
-    # A failed command leaves a tf.data pipeline in reference cycles (Keras's traceback filter
-    # makes them), and its reader threads may still want the GIL. Free it now: collected at
-    # interpreter exit instead, it waits for threads that can never run again, and hangs.
-    gc.collect()
-    return code
+    # run_command frees what a failed command left (its tf.data pipelines) before the interpreter exits
+    return run_command(PROG, lambda: command[arguments.command](arguments),
+                       lambda error: describe_failure(error, arguments.command))
 
 
 def run_fit(arguments) -> int | None:
@@ -297,4 +297,4 @@ def run_bench(arguments) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -22,6 +22,7 @@ import numpy as np
 from common.errors import UserError
 from common.files import write_json_atomically
 from preprocess.cache import CacheReader
+from train.network.precision import check_precision_supported
 from train.network.tasks import HEADLINE_METRICS
 from train.options import FitOptions, check_fit_options, resolve_recipe
 from train.rundir.folders import prepare_output_dir
@@ -60,6 +61,7 @@ def cross_validate(options: FitOptions, folds: int) -> CrossValidationReport:
         if pool < 2 * folds:
             raise UserError(f"--folds {folds} needs at least {2 * folds} train and validation scans "
                             f"(two per fold); {options.cache} has {pool}")
+    check_precision_supported(resolve_recipe(options).precision)  # as fit_model does, before any folder
     run_dir = prepare_cv_dir(options)
     reports = []
     for fold in range(1, folds + 1):

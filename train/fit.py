@@ -21,7 +21,7 @@ from train.loop.distribute import ClusterRole, read_cluster_role
 from train.tensorflow_import import load_tensorflow
 from train.network.architecture import check_input_shape
 from train.network.memory import check_step_fits
-from train.network.precision import check_precision_supported, resolve_precision
+from train.network.precision import PrecisionChoice, check_precision_supported, resolve_precision
 from train.network.scores import compute_separation
 from train.fit_summary import FitReport
 from train.options import FitOptions, changed_options, check_fit_options, resolve_recipe
@@ -64,14 +64,14 @@ def fit_model(options: FitOptions) -> FitReport:
         run_dir = prepare_run_dir(options)
         options = replace(options, run_dir=run_dir)
         with locked_run_dir(run_dir):
-            options = resolve_auto_precision(options)
+            options, precision = resolve_auto_precision(options)
             check_step_fits(reader.shape, options.batch_size, options.precision, options.padding, options.width)
             if options.resume:
                 state, history = reopen_run(run_dir, options, reader)
             else:
                 state, history = create_run(run_dir, options, reader)
             strategy = start_strategy(options)  # imports TensorFlow: only once the inputs are valid
-            record_distribution(run_dir, strategy, options)
+            record_distribution(run_dir, strategy, options, precision.reason)
             if state.stopped_early or state.completed_epochs >= options.epochs:
                 log.info("%s: nothing left to train (%d epochs done%s)", run_dir, state.completed_epochs,
                          ", stopped early" if state.stopped_early else "")
@@ -82,10 +82,11 @@ def fit_model(options: FitOptions) -> FitReport:
             return finish_run(run_dir, reader, state, options)
 
 
-def resolve_auto_precision(options: FitOptions) -> FitOptions:
+def resolve_auto_precision(options: FitOptions) -> tuple[FitOptions, PrecisionChoice]:
     """`--precision auto` decided for this machine (imports TensorFlow), before config.json records it
-    and a resume compares it."""
-    return replace(options, precision=resolve_precision(options.precision))
+    and a resume compares it; with the choice, whose reason the strategy line gives."""
+    choice = resolve_precision(options.precision)
+    return replace(options, precision=choice.policy), choice
 
 
 def prepare_run_dir(options: FitOptions) -> Path:
@@ -104,9 +105,10 @@ def start_strategy(options: FitOptions):
     return strategy
 
 
-def record_distribution(run_dir: Path, strategy, options: FitOptions) -> None:
+def record_distribution(run_dir: Path, strategy, options: FitOptions, precision_reason: str = "") -> None:
     """Write the strategy's replicas and global batch into config.json; a resume must keep them. Also
-    the machine the run began on (train.hardware): a resume elsewhere is warned that its numbers will differ."""
+    the machine the run began on (train.hardware): a resume elsewhere is warned that its numbers will differ.
+    The strategy line gives the precision and why `auto` chose it (`precision_reason`)."""
     from train.hardware import machine_record
     from train.loop.distribute import describe_strategy
 
@@ -128,7 +130,8 @@ def record_distribution(run_dir: Path, strategy, options: FitOptions) -> None:
         write_json_atomically(run_dir / CONFIG, config)
     log.info("strategy %s: %d replica(s) on %d worker(s), global batch %d, precision %s, CPU kernels %s",
              distribution["strategy"], distribution["replicas"], distribution["workers"],
-             distribution["global_batch_size"], options.precision, machine["kernels"])
+             distribution["global_batch_size"], PrecisionChoice(options.precision, precision_reason).describe(),
+             machine["kernels"])
 
 
 def fit_as_worker(options: FitOptions, reader: CacheReader, role: ClusterRole) -> FitReport:
@@ -138,7 +141,7 @@ def fit_as_worker(options: FitOptions, reader: CacheReader, role: ClusterRole) -
     saving runs the same ops on every worker, and nothing it writes can be mistaken for a result.
     """
     run_dir = Path(options.run_dir)
-    options = resolve_auto_precision(options)
+    options, _ = resolve_auto_precision(options)
     state, history = TrainingState(), []
     if options.resume:
         if not (run_dir / CONFIG).is_file():

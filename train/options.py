@@ -44,9 +44,10 @@ MAX_BENCH_SAMPLES = 1_000_000
 # bfloat16 where the hardware runs it natively, and the model at the end of that schedule rather than
 # the epoch a small validation split happened to score best (nnU-Net's checkpoint_final habit).
 RECIPES = {
-    "tutorial": {"learning_rate": 1e-4, "schedule": "tutorial", "warmup_epochs": 0, "bn_momentum": 0.99,
-                 "precise_bn_scans": 0, "precision": "float32", "pooling": "avg", "keep": "best"},
-    "precise": {"learning_rate": 3e-4, "schedule": "cosine", "warmup_epochs": 1, "bn_momentum": 0.9,
+    "tutorial": {"batch_size": 2, "learning_rate": 1e-4, "schedule": "tutorial", "warmup_epochs": 0,
+                 "bn_momentum": 0.99, "precise_bn_scans": 0, "precision": "float32", "pooling": "avg", "keep": "best"},
+    # batch 8: BatchNorm's statistics over 8 scans, not 2 (issue 30, docs/benchmarks.md "Small findings")
+    "precise": {"batch_size": 8, "learning_rate": 3e-4, "schedule": "cosine", "warmup_epochs": 1, "bn_momentum": 0.9,
                 "precise_bn_scans": 32, "precision": "auto", "pooling": "avg", "keep": "last"},
 }
 DEFAULT_RECIPE = "precise"
@@ -60,7 +61,7 @@ class FitOptions:
     cache: Path = Path("data/mosmed.h5")
     run_dir: Path | None = None  # None: runs/<timestamp>
     epochs: int = 100
-    batch_size: int = 2
+    batch_size: int | None = None  # per replica; the recipe's: 8 (precise), 2 (the tutorial's)
     recipe: str = DEFAULT_RECIPE
     learning_rate: float | None = None  # peak rate of Adam (after any warm-up)
     schedule: str | None = None  # tutorial: x0.96 per 100k steps; cosine: decays to 0 over --epochs
@@ -145,7 +146,8 @@ def changed_options(recorded: dict, options: FitOptions) -> list[str]:
     """The options (other than RESUMABLE_CHANGES) whose value differs from a run's config.json."""
     current = options.to_json()
     if "recipe" not in recorded:  # a run from before recipes existed trained with the tutorial's
-        recorded = {**recorded, "recipe": "tutorial", **RECIPES["tutorial"]}
+        recorded = {**recorded, "recipe": "tutorial", **RECIPES["tutorial"],
+                    "batch_size": recorded.get("batch_size", 2)}
     # a run from before --width or --norm trained the tutorial's width and BatchNorm
     recorded = {"width": 1.0, "norm": "batch", **recorded}
     return [

@@ -58,9 +58,10 @@ def available_bytes() -> int | None:
         return None
 
 
-def check_step_fits(shape: tuple[int, int, int], batch_size: int, precision: str, padding: str, width: float) -> None:
-    """Refuse, in one line, a batch whose training step would not fit in the memory free now."""
-    free = available_bytes()
+def check_step_fits(shape: tuple[int, int, int], batch_size: int, precision: str, padding: str, width: float,
+                    free: int | None = None) -> None:
+    """Refuse, in one line, a batch whose training step would not fit in `free` bytes (default: free now)."""
+    free = available_bytes() if free is None else free
     needed = estimated_step_bytes(shape, batch_size, precision, padding, width)
     if free is not None and needed > free:
         largest = max((batch for batch in range(1, batch_size)

@@ -182,8 +182,11 @@ def read_learned(run_dir: Path, model_name: str) -> bool | None:
 
 def load_served(dirs: list[Path], configs: list[dict]) -> list[ServedModel]:
     """Load each member's model, calibration and reference (TensorFlow must be loaded)."""
+    from train.network.precision import check_model_precision
     from train.rundir.models import load_run_model
 
+    for directory, config in zip(dirs, configs):  # before any model loads: one line, not a failed first batch
+        check_model_precision(config.get("options", {}).get("precision", "float32"), directory)
     served = []
     for directory, config in zip(dirs, configs):
         model = load_run_model(directory)
