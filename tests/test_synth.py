@@ -302,3 +302,34 @@ def test_cli_refuses_bad_grades_in_one_line(tmp_path, capsys, flags, exit_code, 
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
     assert not (tmp_path / "raw").exists()
+
+
+def test_involvement_puts_every_abnormal_phantoms_lesions_inside_the_range_spread_over_its_decades():
+    shares = [make_phantom(5, number, True, size=64, slice_range=(16, 24), involvement=(0.001, 0.25)).involvement
+              for number in range(30)]
+    assert all(0.001 < share <= 0.25 for share in shares)
+    bands = np.histogram(shares, [0.001, 0.01, 0.05, 0.25])[0]
+    assert all(count >= 5 for count in bands), bands  # log-uniform: every band gets its share, not only the top
+    small = [make_phantom(6, number, True, size=64, slice_range=(16, 24), involvement=(0.001, 0.01)).involvement
+             for number in range(10)]
+    assert all(0.001 < share <= 0.01 for share in small)
+
+
+def test_involvement_on_the_command_line_writes_the_grade_folder_and_refuses_bad_ranges(tmp_path, capsys):
+    out = tmp_path / "mild"
+    assert main(["synth", "--out", str(out), "--normal", "1", "--abnormal", "2", "--size", "32",
+                 "--involvement", "0.1", "1", "--quiet"]) == 0
+    assert sorted(path.relative_to(out).as_posix() for path in out.rglob("*.nii.gz")) == [
+        "CT-0/study_0000.nii.gz", "CT-1/study_0001.nii.gz", "CT-1/study_0002.nii.gz"]
+    capsys.readouterr()
+    for flags, message in (
+        (["--involvement", "1", "0.1"], "--involvement needs 0 < LOW < HIGH <= 100"),
+        (["--involvement", "20", "30"], "inside one grade's range"),
+        (["--involvement", "0", "1"], "--involvement needs 0 < LOW < HIGH <= 100"),
+        (["--involvement", "0.1", "1", "--grades", "1"], "--grades and --involvement both set"),
+    ):
+        code = main(["synth", "--out", str(tmp_path / "bad"), "--normal", "1", "--abnormal", "1", "--size", "32",
+                     "--quiet", *flags])
+        error = capsys.readouterr().err.strip()
+        assert code == 1 and message in error and "\n" not in error, (flags, error)
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").rglob("*.nii.gz"))

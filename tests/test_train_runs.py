@@ -86,7 +86,7 @@ def test_the_table_lists_every_run_with_its_values(tmp_path):
     assert rows["20261122-180000"] == {
         "run": "20261122-180000", "date": "2026-11-22 18:00", "status": "finished", "cache": "aaaaaaaa",
         "task": "binary", "recipe": "tutorial", "epochs": "15/15", "batch": "2", "lr": "1e-04", "padding": "valid",
-        "width": "1", "seed": "0",
+        "width": "1", "norm": "batch", "seed": "0",
         "val_auc": "0.8889", "test_auc": "0.7531", "test_acc": "0.6667"}
     second = rows["20261123-090000"]
     assert (second["status"], second["epochs"], second["batch"], second["lr"], second["padding"], second["width"],

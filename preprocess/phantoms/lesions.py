@@ -88,7 +88,10 @@ def add_lesions_covering(hu: np.ndarray, lung: np.ndarray, rng: np.random.Genera
             center = np.array(np.unravel_index(int(uncovered[rng.integers(uncovered.size)]), hu.shape))
         box, weight, target_hu = draw_lesion(rng, center, hu.shape, spacing_mm, lung_size_mm, scale)
         new_voxels = np.count_nonzero((weight > 0) & lung[box] & ~lesion_mask[box])
-        if covered_voxels + new_voxels > high * lung_voxels:
+        # log-uniform draws must land near their target, not anywhere below `high`: a first lesion of
+        # 5% would otherwise end a draw aimed at 0.2% (the graded draws keep their original rule)
+        ceiling = min(high, 2 * share) if log_uniform else high
+        if covered_voxels + new_voxels > max(ceiling * lung_voxels, target_voxels):
             scale *= 0.8
             continue
         covered_voxels += blend_lesion(hu, lung, lesion_mask, box, weight, target_hu)
