@@ -496,3 +496,25 @@ def test_a_too_short_scan_fails_the_build_with_the_reason_predict_gives(syntheti
     [failure] = report.failures
     assert failure.source_path == "CT-0/short.nii.gz"
     assert failure.reason == "covers 18 mm head to foot; a chest CT covers at least 20 mm"
+
+
+def test_show_draws_the_box_on_the_whole_scan_and_says_which_region_a_volume_is(synthetic_raw, tmp_path, capsys):
+    from preprocess.reading.lungs import describe_region
+
+    out = tmp_path / "cache.h5"
+    build(synthetic_raw, out)
+    with CacheReader(out) as reader:
+        stats = reader.scan_stats()[3]
+    region = describe_region("lungs", stats.lung_box, stats.scan_shape)
+    x0, x1, y0, y1, z0, z1 = stats.lung_box
+    assert region == (f"the lungs' box, voxels {x0}-{x1} left-right, {y0}-{y1} front-back, {z0}-{z1} head-foot "
+                      f"of the scan's 48 x 48 x {stats.slices} (RAS)")
+    assert describe_region("none", stats.lung_box, stats.scan_shape) == "the whole scan (no lung crop)"
+    assert main(["show", str(out), "--index", "3", "--out", str(tmp_path / "box.png"), "--raw", str(synthetic_raw)]) == 0
+    assert main(["show", str(out), "--index", "3", "--out", str(tmp_path / "volume.png")]) == 0
+    assert (tmp_path / "box.png").stat().st_size > 1000 and (tmp_path / "volume.png").stat().st_size > 1000
+    capsys.readouterr()
+    # the negative case: a --raw that does not hold the scan is one line, and no picture
+    assert main(["show", str(out), "--index", "3", "--out", str(tmp_path / "none.png"), "--raw", str(tmp_path)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "cannot show" in error and "\n" not in error and not (tmp_path / "none.png").exists()

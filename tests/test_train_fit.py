@@ -458,3 +458,23 @@ def test_a_cache_from_before_the_lung_crop_still_trains_with_one_line(tiny_cache
     current = run_python_module("train", "fit", str(tiny_cache), "--run-dir", str(tmp_path / "run2"), "--epochs", "1",
                                 "--padding", "same", "--precision", "float32", "--quiet")
     assert current.returncode == 0 and "lung boxes" not in current.stderr
+
+
+def test_build_and_predict_say_the_same_of_a_too_short_scan(trained_run, synthetic_raw, tmp_path, capsys):
+    from preprocess.phantoms.synth import make_phantom, write_phantom
+
+    raw = tmp_path / "raw"
+    shutil.copytree(synthetic_raw, raw)
+    phantom = make_phantom(5, 0, False, size=48, slice_range=(12, 12))
+    affine = phantom.affine.copy()
+    affine[2, 2] = 1.5  # 12 slices of 1.5 mm: 18 mm head to foot, under the 20 mm a chest CT covers
+    short = raw / "CT-0" / "short.nii.gz"
+    write_phantom(type(phantom)(phantom.hu, affine, phantom.lesion_mask, phantom.lung_mask), short)
+    report = build_cache(BuildOptions(raw=raw, out=tmp_path / "cache.h5", jobs=1, shape=(32, 32, 16), quiet=True))
+    [failure] = report.failures
+    assert failure.source_path == "CT-0/short.nii.gz" and report.cached == 16
+    assert main(["predict", str(trained_run), str(short)]) == 1
+    [line] = [line for line in capsys.readouterr().err.splitlines() if str(short) in line]
+    assert line.endswith(f"{short}: not assessed: {failure.reason}")
+    # the negative case: a scan of the archive that build cached gets a probability
+    assert main(["predict", str(trained_run), str(next(raw.glob("CT-0/study_*.nii.gz")))]) == 0
