@@ -92,31 +92,32 @@ def find_lungs(sampled_hu: np.ndarray, stride: int, shape: tuple[int, int, int],
     """
     spacing = np.array([spacing_mm[0] * stride, spacing_mm[1] * stride, spacing_mm[2]], dtype=np.float64)
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    # a NIfTI's voxels are in Fortran order: label their C-ordered transpose (a view), not a copy
+    # a NIfTI's voxels are in Fortran order: work on their C-ordered transpose (a view, not a copy),
+    # whose axes run S, A, R, and turn only the lung mask back
     transposed = sampled_hu.flags.f_contiguous and not sampled_hu.flags.c_contiguous
     ordered = sampled_hu.T if transposed else sampled_hu
     labels, count = ndimage.label(ordered < LOW_DENSITY_HU)
     if count == 0:
         return _none(shape)
-    labels = labels.T if transposed else labels  # back to (R, A, S), still a view
 
     def voxels_per_label(where) -> np.ndarray:
-        return np.bincount(labels[where].ravel(), minlength=count + 1)
+        return np.bincount(labels[where], minlength=count + 1)
 
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
     band = [max(1, int(round(EDGE_BAND_MM / spacing[axis]))) for axis in range(2)]
-    edge = np.ones(labels.shape[:2], dtype=bool)
+    edge = np.ones(sampled_hu.shape[:2], dtype=bool)
     edge[band[0]:-band[0], band[1]:-band[1]] = False
+    at_edge = np.bincount(labels[:, edge.T].ravel() if transposed else labels[edge].ravel(), minlength=count + 1)
     # the median is within LUNG_MEDIAN_HU when at most half the voxels lie below its low end and at
     # least half below its high end: two counts per label, no sort
-    below_low = voxels_per_label(sampled_hu < LUNG_MEDIAN_HU[0])
-    below_high = voxels_per_label(sampled_hu < LUNG_MEDIAN_HU[1])
-    lung = ((sizes * voxel_ml >= MIN_COMPONENT_ML) & (voxels_per_label(edge) <= 0.5 * sizes)
+    below_low = voxels_per_label(ordered < LUNG_MEDIAN_HU[0])
+    below_high = voxels_per_label(ordered < LUNG_MEDIAN_HU[1])
+    lung = ((sizes * voxel_ml >= MIN_COMPONENT_ML) & (at_edge <= 0.5 * sizes)
             & (2 * below_low <= sizes) & (2 * below_high >= sizes))
     lung[0] = False  # label 0: every voxel above the threshold
     if not lung.any():
         return _none(shape)
-    mask = lung[labels]
+    mask = lung[labels].T if transposed else lung[labels]  # (R, A, S)
     volume_ml = float(np.count_nonzero(mask)) * voxel_ml
     lows, highs = [], []
     for axis in range(3):
