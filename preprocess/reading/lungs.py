@@ -45,11 +45,12 @@ MIN_LUNG_ML = 200.0  # a chest CT we can judge shows at least this much lung (ad
 MARGIN_FRACTION = 0.10  # each side of the box grows by this share of its extent
 MIN_MARGIN_MM = 5.0
 SAMPLES_PER_AXIS = 128  # in-plane sampling of the search (about 3 mm at a 512 x 512, 400 mm scan)
-# recorded in the cache and a run's config: a change here means a rebuild
-LUNG_METHOD = (f"HU < {LOW_DENSITY_HU:g} 3D components, median {LUNG_MEDIAN_HU[0]:g}..{LUNG_MEDIAN_HU[1]:g} HU, "
-               f">= {MIN_COMPONENT_ML:g} mL, margin {MARGIN_FRACTION:.0%} (>= {MIN_MARGIN_MM:g} mm)")
 SIDE_SHARE = 0.15  # a side holding at least this share of the lung voxels counts as a lung
 EDGE_BAND_MM = 10.0  # a region with most of its voxels this close to an in-plane edge is air at the edge
+# recorded in the cache and a run's config: a change here means a rebuild
+LUNG_METHOD = (f"HU < {LOW_DENSITY_HU:g} 3D components, median {LUNG_MEDIAN_HU[0]:g}..{LUNG_MEDIAN_HU[1]:g} HU, "
+               f">= {MIN_COMPONENT_ML:g} mL, not within {EDGE_BAND_MM:g} mm of the edge; right-left mirrored; "
+               f"margin {MARGIN_FRACTION:.0%} (>= {MIN_MARGIN_MM:g} mm)")
 
 
 @dataclass(frozen=True)
