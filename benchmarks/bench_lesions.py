@@ -57,6 +57,7 @@ ARMS = {  # name: (build --crop, fit --batch-size, more fit flags)
     "crop-b4-lr6e-4": ("lungs", 4, ["--lr", "6e-4"]),
 }
 BANDS = ((0.001, 0.01), (0.01, 0.05), (0.05, 0.25))
+BAND_SET = (303, ("0.1", "25"))  # synth seed and --involvement of the phantoms the bands are measured on
 
 
 def synth(out: Path, normal: int, abnormal: int, seed: int, involvement=INVOLVEMENT) -> Path:
@@ -77,12 +78,12 @@ def make_cache(out: Path, set_name: str, crop: str) -> Path:
     return cache
 
 
-def involvement_of(path: Path, seed: int, normal: int) -> float:
+def involvement_of(path: Path, seed: int, involvement: tuple[str, str]) -> float:
     """The lesion share of an abnormal phantom, redrawn from its seed (phantoms are deterministic)."""
     from preprocess.phantoms.synth import make_phantom
 
     number = int(path.name.split("_")[1].split(".")[0])
-    low, high = (float(value) / 100 for value in ("0.1", "25"))
+    low, high = (float(value) / 100 for value in involvement)
     return make_phantom(seed, number, True, SIZE, SLICES, None, (low, high)).involvement
 
 
@@ -118,8 +119,10 @@ def main() -> None:
     print_machine()
     arguments.out.mkdir(parents=True, exist_ok=True)
     more = synth(arguments.out / "more100", 50, 50, 302)
-    bands = synth(arguments.out / "bands", 40, 80, 303, ("0.1", "25"))
-    band_share = {path.name: involvement_of(path, 303, 40) for path in sorted(bands.glob("CT-1/*.nii.gz"))}
+    band_seed, band_involvement = BAND_SET
+    bands = synth(arguments.out / "bands", 40, 80, band_seed, band_involvement)
+    band_share = {path.name: involvement_of(path, band_seed, band_involvement)
+                  for path in sorted(bands.glob("CT-1/*.nii.gz"))}
     print("| set | arm | seed | fit s | epoch val AUC >= 0.95 | test AUC | 100 more AUC | "
           "0.1-1% AUC | 1-5% AUC | 5-25% AUC |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -167,6 +167,7 @@ def run_info(arguments) -> None:
 def run_show(arguments) -> None:
     from preprocess.cache import CacheError, CacheReader
     from preprocess.montage import save_montage
+    from preprocess.reading.lungs import describe_region
 
     with CacheReader(arguments.file) as reader:
         scan_ids = reader.scan_ids
@@ -181,8 +182,6 @@ def run_show(arguments) -> None:
         label = "abnormal" if reader.labels[row] else "normal"
         out = arguments.out or Path(scan_ids[row].replace("/", "_") + ".png")
         title = f"{scan_ids[row]} ({reader.class_names[row]}, {label})"
-        from preprocess.reading.lungs import describe_region
-
         stats = reader.scan_stats()
         box = stats[row].lung_box if stats and stats[row].has_lungs else None
         region = describe_region(reader.preprocessing.crop, box, stats[row].scan_shape if stats else None)
@@ -198,13 +197,14 @@ def whole_scan_view(path: Path, box, reader):
     """A scan's whole volume, windowed as the cache's, at most 128 pixels in-plane, and its box on that grid."""
     from preprocess.cache import CacheError
     from preprocess.reading.formats import describe_scan_failure, open_any_scan
+    from preprocess.reading.lungs import in_plane_stride
     from preprocess.reading.transform import window_volume
 
     try:
         scan = open_any_scan(path)
     except Exception as error:  # the source moved, changed or cannot be read: say which and why
         raise CacheError(f"cannot show {path}: {describe_scan_failure(error)}") from None
-    stride = max(1, -(-max(scan.stored.shape[:2]) // 128))
+    stride = in_plane_stride(scan.stored.shape)  # the lung search's sampling: at most 128 pixels a side
     preprocessing = reader.preprocessing
     whole = window_volume(scan.hounsfield(stride=stride), preprocessing.hu_min, preprocessing.hu_max)
     if box is None:

@@ -43,16 +43,17 @@ LUNG_TABLES = {
     "lung_box": (np.int32, (6,)),
 }
 
-
-def stats_tables(version: int) -> dict:
-    """The /scan_stats tables a cache of this schema version has."""
-    return {} if version < 2 else STATS_TABLES if version < 3 else {**STATS_TABLES, **LUNG_TABLES}
 SPLIT_NAMES = ("train", "val", "test")
 ROW_TABLES = ("labels", "scan_ids", "class_names", "source_paths", "source_sha256", "source_sizes",
               "source_mtimes_ns", "source_shapes", "source_spacing_mm")
 STRING = h5py.string_dtype("utf-8")
 REQUIRED_ATTRIBUTES = ("shape", "hu_min", "hu_max", "resample_method", "orientation", "seed",
                        "val_fraction", "test_fraction", "fingerprint")
+
+
+def stats_tables(version: int) -> dict:
+    """The /scan_stats tables a cache of this schema version has."""
+    return {} if version < 2 else STATS_TABLES if version < 3 else {**STATS_TABLES, **LUNG_TABLES}
 
 
 class CacheError(UserError):

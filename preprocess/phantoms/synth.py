@@ -293,7 +293,8 @@ def write_synthetic_archive(out_dir: Path, normal: int, abnormal: int, size: int
             write_phantom(phantom, path)
     except OSError as error:
         raise UserError(f"cannot write into {out_dir}: {error.strerror or error}") from None
-    log.info("wrote %d normal and %d abnormal (%s) synthetic scans of %d x %d to %s", normal, abnormal,
-             "ungraded" if grades is None else f"{100 * involvement[0]:g}-{100 * involvement[1]:g}% of the lung"
-             if involvement is not None else "grades " + " ".join(map(str, grades)), size, size, out_dir)
+    extent = ("ungraded" if grades is None else "grades " + " ".join(map(str, grades))) if involvement is None \
+        else f"{100 * involvement[0]:g}-{100 * involvement[1]:g}% of the lung"
+    log.info("wrote %d normal and %d abnormal (%s) synthetic scans of %d x %d to %s", normal, abnormal, extent,
+             size, size, out_dir)
     return paths
