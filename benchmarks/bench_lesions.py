@@ -10,6 +10,9 @@ the default recipe. Arms (each a lever alone, then together):
     batch8    --crop none,  --batch-size 8
     crop-b4   --crop lungs, --batch-size 4
     crop-b8   --crop lungs, --batch-size 8
+    and more levers on top of crop-b4/b8 or crop (b2): avgmax pooling, rates, GroupNorm and
+    InstanceNorm, a lung window (`-lungwin`: build --hu-window -1000 -300), mirror-and-shift
+    augmentation (`-rms`: fit --augment rotate-mirror-shift); see ARMS
 
 Sets: `84` (120 phantoms: 84 train, 18 val, 18 test) and `252` (360 phantoms), synth seed 301.
 For every run it prints the first epoch whose validation AUC reached 0.95 (history.csv; "-" if
@@ -43,7 +46,8 @@ SIZE, SLICES = 128, (16, 32)
 EPOCHS = 30
 INVOLVEMENT = ("0.1", "1")  # percent of the lung
 SETS = {"84": 120, "252": 360}  # training scans: phantoms (70% train)
-ARMS = {  # name: (build --crop, fit --batch-size, more fit flags)
+LUNG_WINDOW = ("-1000", "-300")  # aerated lung to the densest ground glass: no ground-glass voxel clipped
+ARMS = {  # name: (build --crop, fit --batch-size, more fit flags[, build --hu-window])
     "today": ("none", 2, []),
     "crop": ("lungs", 2, []),
     "batch8": ("none", 8, []),
@@ -55,6 +59,10 @@ ARMS = {  # name: (build --crop, fit --batch-size, more fit flags)
     "crop-b2-group": ("lungs", 2, ["--norm", "group"]),
     "crop-b2-instance": ("lungs", 2, ["--norm", "instance"]),
     "crop-b4-lr6e-4": ("lungs", 4, ["--lr", "6e-4"]),
+    "crop-b8-lungwin": ("lungs", 8, [], LUNG_WINDOW),
+    "crop-b2-lungwin": ("lungs", 2, [], LUNG_WINDOW),
+    "crop-b8-rms": ("lungs", 8, ["--augment", "rotate-mirror-shift"]),
+    "crop-b2-rms": ("lungs", 2, ["--augment", "rotate-mirror-shift"]),
 }
 BANDS = ((0.001, 0.01), (0.01, 0.05), (0.05, 0.25))
 BAND_SET = (303, ("0.1", "25"))  # synth seed and --involvement of the phantoms the bands are measured on
@@ -68,13 +76,13 @@ def synth(out: Path, normal: int, abnormal: int, seed: int, involvement=INVOLVEM
     return out
 
 
-def make_cache(out: Path, set_name: str, crop: str) -> Path:
+def make_cache(out: Path, set_name: str, crop: str, window: tuple[str, str] | None = None) -> Path:
     scans = SETS[set_name]
     raw = synth(out / f"set{set_name}-raw", scans // 2, scans - scans // 2, 301)
-    cache = out / f"set{set_name}-{crop}.h5"
+    cache = out / (f"set{set_name}-{crop}.h5" if window is None else f"set{set_name}-{crop}-hu{window[0]}_{window[1]}.h5")
     if not cache.is_file():
         python("preprocess", "build", "--raw", str(raw), "--out", str(cache), "--shape", *map(str, SHAPE),
-               "--crop", crop, "--quiet")
+               "--crop", crop, *(["--hu-window", *window] if window else []), "--quiet")
     return cache
 
 
@@ -128,8 +136,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for set_name in arguments.sets:
         for arm in arguments.arms:
-            crop, batch, flags = ARMS[arm]
-            cache = make_cache(arguments.out, set_name, crop)
+            crop, batch, flags, *window = ARMS[arm]
+            cache = make_cache(arguments.out, set_name, crop, *window)
             rows = []
             for seed in range(arguments.first_seed, arguments.first_seed + arguments.seeds):
                 name = f"set{set_name}-{arm}-seed{seed}"

@@ -1,4 +1,4 @@
-"""Rotation augmentation: a deterministic `rotate_volume` checked against references, and seeded angles."""
+"""Augmentation: deterministic `rotate_volume` and `move_volume` checked against references, seeded draws."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +9,9 @@ from scipy import ndimage
 
 tf = pytest.importorskip("tensorflow")
 
-from train.pipeline.augment import ROTATION_ANGLES_DEGREES, draw_rotation_angles, rotate_volume  # noqa: E402
+from train.pipeline.augment import (  # noqa: E402
+    ROTATION_ANGLES_DEGREES, SHIFT_FRACTION, draw_moves, draw_rotation_angles, move_volume, rotate_volume,
+)
 
 
 def random_volume(shape=(32, 32, 16), seed=0) -> np.ndarray:
@@ -71,3 +73,37 @@ def test_angles_are_the_tutorials_and_repeat_under_a_seed():
     assert set(angles.tolist()) == set(ROTATION_ANGLES_DEGREES)
     np.testing.assert_array_equal(draw_rotation_angles(seed, 500).numpy(), angles)
     assert not np.array_equal(draw_rotation_angles(tf.constant([1, 3], tf.int64), 500).numpy(), angles)
+
+
+def test_no_moves_is_the_identity_and_mirrors_are_numpys_flips():
+    volume = random_volume((6, 5, 4))
+    np.testing.assert_array_equal(move_volume(volume, tf.zeros([6], tf.int32)).numpy(), volume)
+    for axes in ((0,), (1,), (2,), (0, 2), (0, 1, 2)):
+        moves = tf.constant([int(axis in axes) for axis in range(3)] + [0, 0, 0], tf.int32)
+        np.testing.assert_array_equal(move_volume(volume, moves).numpy(), np.flip(volume, axes))
+
+
+@given(shifts=st.tuples(st.integers(-4, 4), st.integers(-4, 4), st.integers(-3, 3)), seed=st.integers(0, 2**16))
+@settings(deadline=None, max_examples=30)
+def test_a_shift_moves_every_voxel_by_it_and_lets_air_in(shifts, seed):
+    volume = random_volume((9, 8, 5), seed) + 0.5  # no voxel is air, so air in the output came in by the shift
+    moved = move_volume(volume, tf.constant([0, 0, 0, *shifts], tf.int32)).numpy()
+    expected = np.zeros_like(volume)
+    source = tuple(slice(max(-k, 0), n - max(k, 0)) for k, n in zip(shifts, volume.shape))
+    target = tuple(slice(max(k, 0), n - max(-k, 0)) for k, n in zip(shifts, volume.shape))
+    expected[target] = volume[source]
+    np.testing.assert_array_equal(moved, expected)
+    assert np.count_nonzero(moved == 0) == volume.size - np.prod([n - abs(k) for k, n in zip(shifts, volume.shape)])
+
+
+def test_moves_repeat_under_a_seed_stay_within_a_tenth_of_each_axis_and_are_none_for_rotate():
+    seed, shape = tf.constant([1, 2], tf.int64), (64, 40, 16)
+    moves = draw_moves(seed, 2000, shape, "rotate-mirror-shift").numpy()
+    np.testing.assert_array_equal(draw_moves(seed, 2000, shape, "rotate-mirror-shift").numpy(), moves)
+    assert not np.array_equal(draw_moves(tf.constant([1, 3], tf.int64), 2000, shape, "rotate-mirror-shift").numpy(),
+                              moves)
+    largest = [round(SHIFT_FRACTION * side) for side in shape]
+    assert moves[:, :3].min() == 0 and moves[:, :3].max() == 1 and abs(moves[:, :3].mean() - 0.5) < 0.05
+    for axis in range(3):  # every shift from -largest to +largest is drawn, none beyond
+        assert set(moves[:, 3 + axis].tolist()) == set(range(-largest[axis], largest[axis] + 1))
+    assert not draw_moves(seed, 50, shape, "rotate").numpy().any()

@@ -16,7 +16,7 @@ from train.__main__ import main, make_parser
 COMMANDS = {
     "fit": ["--run-dir", "--epochs", "--batch-size", "--lr", "--patience", "--seed", "--padding", "--precision",
             "--recipe", "--schedule", "--warmup-epochs", "--bn-momentum", "--precise-bn-scans", "--pooling",
-            "--width", "--norm", "--resume", "--quiet"],
+            "--width", "--norm", "--augment", "--resume", "--quiet"],
     "evaluate": ["--split"],
     "predict": ["--json"],
     "bench-input": ["--samples", "--batch-size"],

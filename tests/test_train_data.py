@@ -11,7 +11,7 @@ tf = pytest.importorskip("tensorflow")
 
 from common.errors import UserError  # noqa: E402
 from preprocess.cache import CacheReader  # noqa: E402
-from train.pipeline.augment import ROTATION_ANGLES_DEGREES, rotate_volume  # noqa: E402
+from train.pipeline.augment import ROTATION_ANGLES_DEGREES, move_volume, rotate_volume  # noqa: E402
 from train.pipeline.data import (  # noqa: E402
     Shard, derive_seed, make_epoch_plan, make_evaluation_dataset, make_training_dataset, make_validation_dataset,
     steps_per_epoch,
@@ -107,20 +107,43 @@ def test_validation_batches_keep_row_order_and_weigh_padding_zero(reader):
 
 def test_an_epoch_plan_visits_every_row_once_with_the_tutorials_angles(reader):
     rows, labels = split_rows(reader, "train")
-    plans = [list(make_epoch_plan(rows, labels, seed=3, epoch=epoch, augment=True)) for epoch in (0, 1)]
+    plans = [list(make_epoch_plan(rows, labels, seed=3, epoch=epoch, augment="rotate", shape=reader.shape))
+             for epoch in (0, 1)]
     for plan in plans:
-        planned_rows = [int(row) for row, _, _ in plan]
+        planned_rows = [int(row) for row, _, _, _ in plan]
         assert sorted(planned_rows) == rows.tolist()
-        assert {float(angle) for _, _, angle in plan} <= set(ROTATION_ANGLES_DEGREES)
-        assert all(float(label) == reader.labels[int(row)] for row, label, _ in plan)
-    assert [int(r) for r, _, _ in plans[0]] != [int(r) for r, _, _ in plans[1]], "reshuffled every epoch"
+        assert {float(angle) for _, _, angle, _ in plan} <= set(ROTATION_ANGLES_DEGREES)
+        assert all(float(label) == reader.labels[int(row)] for row, label, _, _ in plan)
+        assert not any(np.any(moves) for _, _, _, moves in plan), "rotate alone neither mirrors nor shifts"
+    assert [int(r) for r, _, _, _ in plans[0]] != [int(r) for r, _, _, _ in plans[1]], "reshuffled every epoch"
+
+
+def test_mirror_and_shift_add_moves_but_keep_the_rows_and_angles_of_rotate(reader):
+    rows, labels = split_rows(reader, "train")
+    rotate = list(make_epoch_plan(rows, labels, seed=3, epoch=0, augment="rotate", shape=reader.shape))
+    moved = list(make_epoch_plan(rows, labels, seed=3, epoch=0, augment="rotate-mirror-shift", shape=reader.shape))
+    assert [(int(r), float(a)) for r, _, a, _ in moved] == [(int(r), float(a)) for r, _, a, _ in rotate]
+    moves = np.stack([m.numpy() for _, _, _, m in moved])
+    assert moves.shape == (len(rows), 6) and set(moves[:, :3].ravel()) <= {0, 1}
+    assert np.all(np.abs(moves[:, 3:]) <= np.ceil(0.1 * np.array(reader.shape))), "shifts beyond a tenth of an axis"
+    assert np.any(moves), "mirror-shift drew nothing"
+
+
+def test_training_samples_are_the_planned_move_then_rotation_of_the_stored_volume(reader):
+    rows, labels = split_rows(reader, "train")
+    plan = list(make_epoch_plan(rows, labels, seed=7, epoch=0, augment="rotate-mirror-shift", shape=reader.shape))
+    (volumes, _), *_ = batches_of(make_training_dataset(reader, rows, labels, 2, seed=7, epochs=1,
+                                                        augment="rotate-mirror-shift"))
+    for sample, (row, _, angle, moves) in zip(volumes, plan):
+        expected = rotate_volume(move_volume(reader.read_volume(int(row)), moves), angle).numpy()
+        np.testing.assert_array_equal(sample[..., 0], expected)
 
 
 def test_training_samples_are_the_planned_rotation_of_the_stored_volume(reader):
     rows, labels = split_rows(reader, "train")
-    plan = list(make_epoch_plan(rows, labels, seed=7, epoch=0, augment=True))
+    plan = list(make_epoch_plan(rows, labels, seed=7, epoch=0, augment="rotate", shape=reader.shape))
     (volumes, _), *_ = batches_of(make_training_dataset(reader, rows, labels, 2, seed=7, epochs=1))
-    for sample, (row, _, angle) in zip(volumes, plan):
+    for sample, (row, _, angle, _) in zip(volumes, plan):
         expected = rotate_volume(reader.read_volume(int(row)), angle).numpy()
         np.testing.assert_array_equal(sample[..., 0], expected)
         assert not np.array_equal(sample[..., 0], reader.read_volume(int(row)))

@@ -114,7 +114,7 @@ def test_recipes_fill_only_what_the_flags_leave_unset():
     ({"schedule": "linear"}, "--schedule"), ({"warmup_epochs": -1}, "--warmup-epochs"),
     ({"schedule": "tutorial", "warmup_epochs": 2}, "--warmup-epochs needs --schedule cosine"),
     ({"precise_bn_scans": -5}, "--precise-bn-scans"), ({"pooling": "attention"}, "--pooling"),
-    ({"keep": "first"}, "--keep"), ({"width": 0.1}, "--width"), ({"width": 5}, "--width"), ({"width": True}, "--width"),
+    ({"keep": "first"}, "--keep"), ({"augment": "flip"}, "--augment must be one of"), ({"width": 0.1}, "--width"), ({"width": 5}, "--width"), ({"width": True}, "--width"),
 ])
 def test_bad_recipe_options_are_one_line(changes, flag):
     with pytest.raises(UserError, match=flag):
@@ -133,6 +133,13 @@ def test_a_run_from_before_width_resumes_only_at_width_1():
     old = {name: value for name, value in resolve_recipe(FitOptions()).to_json().items() if name != "width"}
     assert changed_options(old, resolve_recipe(FitOptions())) == []
     assert changed_options(old, resolve_recipe(FitOptions(width=0.5))) == ["--width 1.0 in the run, 0.5 now"]
+
+
+def test_a_run_from_before_augment_resumes_only_with_the_tutorials_rotations():
+    old = {name: value for name, value in resolve_recipe(FitOptions()).to_json().items() if name != "augment"}
+    assert changed_options(old, resolve_recipe(FitOptions(augment="rotate"))) == []
+    assert changed_options(old, resolve_recipe(FitOptions(augment="rotate-mirror-shift"))) == [
+        "--augment 'rotate' in the run, 'rotate-mirror-shift' now"]
 
 
 def test_precision_auto_on_this_machine_is_the_decision_on_what_it_reads(tmp_path):

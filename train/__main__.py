@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from train.network.precision import PRECISIONS  # noqa: E402
 from train.network.tasks import TASKS  # noqa: E402
 from train.rundir.listing import COLUMNS as RUN_COLUMNS  # noqa: E402
 from train.options import (  # noqa: E402
-    KEEPS, MAX_BENCH_SAMPLES, MAX_LEARNING_RATE, MIN_LEARNING_RATE, NORMS, PADDINGS, POOLINGS, RECIPES,
+    AUGMENTS, KEEPS, MAX_BENCH_SAMPLES, MAX_LEARNING_RATE, MIN_LEARNING_RATE, NORMS, PADDINGS, POOLINGS, RECIPES,
     SCHEDULES, WHOLE_NUMBER_RANGES, FitOptions,
 )
 
@@ -152,6 +153,10 @@ def add_fit_arguments(parser, run_dir_help: str, resume_help: str) -> None:
     data.add_argument("--batch-size", type=whole_number("batch_size"), default=DEFAULTS.batch_size,
                       help="volumes per batch and replica (the global batch is this times the replicas); "
                       "from the recipe%(default).0s")
+    data.add_argument("--augment", choices=AUGMENTS, default=DEFAULTS.augment,
+                      help="training augmentation: rotate (the tutorial's six in-plane angles) or rotate-mirror-shift "
+                      "(each axis mirrored at random, a shift of up to a tenth of each axis, then the rotation); "
+                      "from the recipe%(default).0s")
     data.add_argument("--seed", type=whole_number("seed"), default=DEFAULTS.seed,
                       help="seed of the initial weights, the data order and the augmentation (and of the folds)")
 
@@ -217,16 +222,10 @@ def add_fit_arguments(parser, run_dir_help: str, resume_help: str) -> None:
 
 
 def fit_options_of(arguments) -> FitOptions:
-    return FitOptions(
-        cache=arguments.cache, run_dir=arguments.run_dir, epochs=arguments.epochs, batch_size=arguments.batch_size,
-        recipe=arguments.recipe, learning_rate=arguments.learning_rate, schedule=arguments.schedule,
-        warmup_epochs=arguments.warmup_epochs, bn_momentum=arguments.bn_momentum,
-        precise_bn_scans=arguments.precise_bn_scans, pooling=arguments.pooling, keep=arguments.keep,
-        patience=arguments.patience,
-        seed=arguments.seed, padding=arguments.padding, width=arguments.width, norm=arguments.norm, precision=arguments.precision,
-        strategy=arguments.strategy,
-        task=arguments.task, resume=arguments.resume, quiet=arguments.quiet,
-    )
+    """The FitOptions of `fit`'s (or `cv`'s) flags: every field a flag of the same name sets (`cv`'s
+    --folds is its own, not the fold a run trains on)."""
+    return FitOptions(**{field.name: getattr(arguments, field.name) for field in dataclasses.fields(FitOptions)
+                         if hasattr(arguments, field.name) and field.name not in ("fold", "folds")})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ PADDINGS = ("valid", "same")
 SCHEDULES = ("tutorial", "cosine")
 POOLINGS = ("avg", "max", "avgmax")
 NORMS = ("batch", "group", "instance")  # the normalisation after each block (train.network.model)
+AUGMENTS = ("rotate", "rotate-mirror-shift")  # what train.pipeline.augment does to a training volume
 # Options a --resume may change: they do not change what the finished run computes (epochs only
 # extends or shortens the schedule; keep only chooses between the two models every run keeps;
 # quiet and resume are about this invocation).
@@ -45,10 +46,12 @@ MAX_BENCH_SAMPLES = 1_000_000
 # the epoch a small validation split happened to score best (nnU-Net's checkpoint_final habit).
 RECIPES = {
     "tutorial": {"batch_size": 2, "learning_rate": 1e-4, "schedule": "tutorial", "warmup_epochs": 0,
-                 "bn_momentum": 0.99, "precise_bn_scans": 0, "precision": "float32", "pooling": "avg", "keep": "best"},
+                 "bn_momentum": 0.99, "precise_bn_scans": 0, "precision": "float32", "pooling": "avg", "keep": "best",
+                 "augment": "rotate"},
     # batch 8: BatchNorm's statistics over 8 scans, not 2 (issue 30, docs/benchmarks.md "Small findings")
     "precise": {"batch_size": 8, "learning_rate": 3e-4, "schedule": "cosine", "warmup_epochs": 1, "bn_momentum": 0.9,
-                "precise_bn_scans": 32, "precision": "auto", "pooling": "avg", "keep": "last"},
+                "precise_bn_scans": 32, "precision": "auto", "pooling": "avg", "keep": "last",
+                "augment": "rotate"},
 }
 DEFAULT_RECIPE = "precise"
 
@@ -69,6 +72,7 @@ class FitOptions:
     bn_momentum: float | None = None  # of BatchNorm's moving statistics (Keras's default: 0.99)
     precise_bn_scans: int | None = None  # training scans to re-estimate BatchNorm's statistics from; 0: never
     pooling: str | None = None  # global pooling before the dense head
+    augment: str | None = None  # training augmentation: rotate (the tutorial's) or rotate-mirror-shift
     keep: str | None = None  # the run's model: best (highest val AUC) or last (the end of the schedule)
     patience: int = 15  # early stopping; only with keep "best"
     seed: int = 0
@@ -115,6 +119,8 @@ def check_fit_options(options: FitOptions) -> None:
         raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {options.schedule!r}")
     if options.schedule == "tutorial" and options.warmup_epochs:
         raise UserError("--warmup-epochs needs --schedule cosine (the tutorial's schedule has no warm-up)")
+    if options.augment not in AUGMENTS:
+        raise UserError(f"--augment must be one of {', '.join(AUGMENTS)}, got {options.augment!r}")
     if options.norm not in NORMS:
         raise UserError(f"--norm must be one of {', '.join(NORMS)}, got {options.norm!r}")
     if options.pooling not in POOLINGS:
@@ -148,8 +154,8 @@ def changed_options(recorded: dict, options: FitOptions) -> list[str]:
     if "recipe" not in recorded:  # a run from before recipes existed trained with the tutorial's
         recorded = {**recorded, "recipe": "tutorial", **RECIPES["tutorial"],
                     "batch_size": recorded.get("batch_size", 2)}
-    # a run from before --width or --norm trained the tutorial's width and BatchNorm
-    recorded = {"width": 1.0, "norm": "batch", **recorded}
+    # a run from before --width, --norm or --augment trained the tutorial's width, BatchNorm and rotations
+    recorded = {"width": 1.0, "norm": "batch", "augment": "rotate", **recorded}
     return [
         f"--{name.replace('_', '-')} {recorded.get(name)!r} in the run, {current[name]!r} now"
         for name in current

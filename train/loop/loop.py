@@ -183,7 +183,8 @@ def run_training(reader: CacheReader, run_dir: Path, options: FitOptions, state:
 
     def training_pipeline(context):  # called once per worker, with that worker's part of each batch
         return make_training_dataset(reader, train_rows, train_targets, per_replica, options.seed,
-                                     first_epoch=first_epoch, epochs=options.epochs, row_weights=row_weights,
+                                     first_epoch=first_epoch, epochs=options.epochs, augment=options.augment,
+                                     row_weights=row_weights,
                                      shard=Shard.from_input_context(context, per_replica))
 
     def validation_pipeline(context):

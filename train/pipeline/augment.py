@@ -1,8 +1,16 @@
-"""Random in-plane rotation as TensorFlow graph ops: one function draws angles, another applies one.
+"""Training augmentation as TensorFlow graph ops: functions that draw, and functions that apply.
 
-`draw_rotation_angles` is the only random part; `rotate_volume` is a deterministic function of
-the volume and the angle, so tests can check that 0 degrees is the identity and that 90 degrees
-equals `np.rot90`. Everything runs inside the tf.data graph, in parallel, without the GIL.
+Two kinds (`fit --augment`, `train.options.AUGMENTS`):
+- `rotate`, the Keras tutorial's: one in-plane rotation per volume, from six angles.
+- `rotate-mirror-shift`: first each axis mirrored with probability 1/2 and the volume shifted by a
+  whole number of voxels, up to `SHIFT_FRACTION` of each axis (air coming in at the far side), then
+  the same rotation. Eight mirror images times some thousand shifts times six angles leave the
+  network no few views of a scan to memorise, as nnU-Net's mirroring does for its segmentations.
+
+`draw_rotation_angles` and `draw_moves` are the only random parts; `rotate_volume` and
+`move_volume` are deterministic functions of the volume and what was drawn, so tests can check
+that 0 degrees is the identity and that 90 degrees equals `np.rot90`. Everything runs inside the
+tf.data graph, in parallel, without the GIL.
 """
 from __future__ import annotations
 
@@ -12,6 +20,8 @@ import tensorflow as tf
 
 # The Keras tutorial's angles: it picks one of these for every training volume.
 ROTATION_ANGLES_DEGREES = (-20.0, -10.0, -5.0, 5.0, 10.0, 20.0)
+SHIFT_FRACTION = 0.1  # the largest shift, as a share of each axis (6 voxels of 64)
+MOVE_FIELDS = 6  # per volume: 3 mirror flags (0 or 1), then 3 shifts in voxels, along H, W, D
 # Sample positions are rounded to this fraction of a voxel, so that multiples of 90 degrees land
 # exactly on voxel centres instead of 1e-16 beside them (far below any interpolation effect).
 POSITION_SNAP = 2.0**20
@@ -69,3 +79,33 @@ def rotate_volume(volume, angle_degrees) -> tf.Tensor:
     )
     # weights sum to 1, but float rounding can step a hair past the ends
     return tf.clip_by_value(tf.reshape(rotated, shape), 0.0, 1.0)
+
+
+def draw_moves(seed: tf.Tensor, count, shape, augment: str) -> tf.Tensor:
+    """(count, 6) int32: each volume's mirror flags and shifts (all 0 unless `augment` mirrors and shifts).
+
+    A pure function of the [2] seed; `shape` is the volumes' (H, W, D).
+    """
+    if augment != "rotate-mirror-shift":
+        return tf.zeros([count, MOVE_FIELDS], tf.int32)
+    flips_seed, shifts_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    flips = tf.random.stateless_uniform([count, 3], seed=flips_seed, minval=0, maxval=2, dtype=tf.int32)
+    largest = [max(0, int(round(SHIFT_FRACTION * side))) for side in shape]
+    unit = tf.random.stateless_uniform([count, 3], seed=shifts_seed)  # [0, 1)
+    span = tf.constant([2 * value + 1 for value in largest], tf.float32)
+    shifts = tf.cast(tf.floor(unit * span), tf.int32) - tf.constant(largest, tf.int32)
+    return tf.concat([flips, shifts], axis=1)
+
+
+def move_volume(volume, moves) -> tf.Tensor:
+    """Mirror an (H, W, D) volume along the axes flagged in moves[:3], then shift it by moves[3:] voxels.
+
+    A shift of +k along an axis puts input voxel i at i + k; the k voxels it uncovers are air (0).
+    """
+    volume = tf.convert_to_tensor(volume, dtype=tf.float32)
+    for axis in range(3):
+        volume = tf.cond(moves[axis] > 0, lambda v=volume, a=axis: tf.reverse(v, [a]), lambda v=volume: v)
+    shifts = moves[3:]
+    before, after = tf.maximum(shifts, 0), tf.maximum(-shifts, 0)
+    padded = tf.pad(volume, tf.stack([before, after], axis=1))
+    return tf.slice(padded, after, tf.shape(volume))

@@ -1,8 +1,9 @@
 """tf.data pipelines that stream volumes from the cache, one row at a time.
 
 The unit of every pipeline is a row index of the cache. A training epoch is a plan of
-(row, label, angle) triples, a pure function of (seed, epoch): a stateless seeded shuffle of the
-split's rows and one rotation angle per row. Volumes are read only when the pipeline reaches
+(row, label, angle, moves) tuples, a pure function of (seed, epoch): a stateless seeded shuffle of
+the split's rows, one rotation angle per row and, with `--augment rotate-mirror-shift`, its mirror
+flags and shifts (`train.pipeline.augment`). Volumes are read only when the pipeline reaches
 them, through `CacheReader.read_volume` (one HDF5 chunk each), so memory holds a few batches and
 does not grow with the cache. Because an epoch's plan depends only on the seed and the epoch
 number, a resumed run sees exactly the batches an uninterrupted run would have seen.
@@ -25,7 +26,7 @@ import tensorflow as tf
 
 from common.errors import UserError
 from preprocess.cache import CacheError, CacheReader
-from train.pipeline.augment import draw_rotation_angles, rotate_volume
+from train.pipeline.augment import draw_moves, draw_rotation_angles, move_volume, rotate_volume
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +126,12 @@ class Shard:
         return cls(global_batch_size, context.num_input_pipelines, context.input_pipeline_id)
 
 
-def plan_epoch(rows: np.ndarray, labels: np.ndarray, seed: int, epoch, augment: bool, shuffle: bool = True,
-               weights: np.ndarray | None = None):
-    """One epoch's rows, labels, rotation angles and loss weights (tensors in visiting order), no volumes yet."""
+def plan_epoch(rows: np.ndarray, labels: np.ndarray, seed: int, epoch, augment: str | None,
+               shape: tuple[int, int, int] = (1, 1, 1), shuffle: bool = True, weights: np.ndarray | None = None):
+    """One epoch's rows, labels, rotation angles, moves and loss weights (tensors in visiting order), no
+    volumes yet. `augment`: None (nothing drawn), or a kind of `train.pipeline.augment.AUGMENTS` for
+    volumes of `shape`. The angles come from their own stream, so `rotate` draws the same with or
+    without the moves."""
     count = len(rows)
     epoch_seed = lambda stream: tf.random.experimental.stateless_fold_in(  # noqa: E731
         tf.constant(derive_seed(seed, stream)), tf.cast(epoch, tf.int64)
@@ -139,17 +143,19 @@ def plan_epoch(rows: np.ndarray, labels: np.ndarray, seed: int, epoch, augment: 
         angles = draw_rotation_angles(epoch_seed("rotation"), count)
     else:
         angles = tf.zeros([count], tf.float32)
+    moves = draw_moves(epoch_seed("moves"), count, shape, augment or "")
     weights = np.ones(count, np.float32) if weights is None else np.asarray(weights, np.float32)
     return (tf.gather(tf.constant(rows, tf.int64), order), tf.gather(tf.constant(labels, tf.float32), order),
-            angles, tf.gather(tf.constant(weights), order))
+            angles, moves, tf.gather(tf.constant(weights), order))
 
 
-def make_epoch_plan(rows: np.ndarray, labels: np.ndarray, seed: int, epoch, augment: bool) -> tf.data.Dataset:
-    """One epoch's (row, label, angle) triples: shuffled rows and drawn angles, no volumes yet."""
-    return tf.data.Dataset.from_tensor_slices(plan_epoch(rows, labels, seed, epoch, augment)[:3])
+def make_epoch_plan(rows: np.ndarray, labels: np.ndarray, seed: int, epoch, augment: str | None,
+                    shape: tuple[int, int, int] = (1, 1, 1)) -> tf.data.Dataset:
+    """One epoch's (row, label, angle, moves): shuffled rows and what was drawn, no volumes yet."""
+    return tf.data.Dataset.from_tensor_slices(plan_epoch(rows, labels, seed, epoch, augment, shape)[:4])
 
 
-def shard_plan(planned_rows, planned_labels, angles, weights, shard: Shard):
+def shard_plan(planned_rows, planned_labels, angles, moves, weights, shard: Shard):
     """This pipeline's part of an epoch plan, padded so that every pipeline gets the same whole batches.
 
     The plan is padded to whole global batches by repeating its first rows with weight 0 (they
@@ -171,7 +177,7 @@ def shard_plan(planned_rows, planned_labels, angles, weights, shard: Shard):
         return tf.reshape(values[:, shard.index], tf.concat([[-1], trailing], 0))
 
     return (take_part(tf.gather(planned_rows, padded)), take_part(tf.gather(planned_labels, padded)),
-            take_part(tf.gather(angles, padded)), take_part(weights))
+            take_part(tf.gather(angles, padded)), take_part(tf.gather(moves, padded)), take_part(weights))
 
 
 def sample_weights_of(classes: np.ndarray, class_weights: dict[int, float]) -> np.ndarray:
@@ -180,7 +186,7 @@ def sample_weights_of(classes: np.ndarray, class_weights: dict[int, float]) -> n
 
 
 def make_training_dataset(reader: CacheReader, rows: np.ndarray, labels: np.ndarray, batch_size: int,
-                          seed: int, first_epoch: int = 0, epochs: int = 1, augment: bool = True,
+                          seed: int, first_epoch: int = 0, epochs: int = 1, augment: str | None = "rotate",
                           row_weights: np.ndarray | None = None,
                           shard: Shard | None = None) -> tf.data.Dataset:
     """Batches of (volume (B, H, W, D, 1), target, weight (B,)) for epochs first_epoch .. epochs - 1.
@@ -191,21 +197,24 @@ def make_training_dataset(reader: CacheReader, rows: np.ndarray, labels: np.ndar
     `batch_size` is per replica. Every epoch is a new shuffle with new angles, padded to whole
     global batches with weight-0 samples and cut into this pipeline's part (see `shard_plan`),
     so each epoch is steps_per_epoch(len(rows), global batch size) steps on every worker.
-    Without `shard`, this pipeline is the only one and feeds one replica.
+    Without `shard`, this pipeline is the only one and feeds one replica. `augment`: a kind of
+    `train.pipeline.augment.AUGMENTS`, or None for none.
     """
     if len(rows) == 0:
         raise UserError("the training split is empty")
     shard = shard or Shard(batch_size)
     load_volume = make_volume_loader(reader)
 
-    def load(row, label, angle, weight):
+    def load(row, label, angle, moves, weight):
         volume = load_volume(row)
+        if augment == "rotate-mirror-shift":
+            volume = move_volume(volume, moves)
         if augment:
             volume = rotate_volume(volume, angle)
         return volume[..., tf.newaxis], label, weight
 
     def make_epoch(epoch):
-        plan = shard_plan(*plan_epoch(rows, labels, seed, epoch, augment, weights=row_weights), shard)
+        plan = shard_plan(*plan_epoch(rows, labels, seed, epoch, augment, reader.shape, weights=row_weights), shard)
         return tf.data.Dataset.from_tensor_slices(plan).map(load, num_parallel_calls=PARALLEL_CALLS).batch(batch_size)
 
     epochs_dataset = tf.data.Dataset.range(first_epoch, epochs)
@@ -219,10 +228,10 @@ def make_validation_dataset(reader: CacheReader, rows: np.ndarray, labels: np.nd
         raise UserError("the validation split is empty")
     shard = shard or Shard(batch_size)
     load_volume = make_volume_loader(reader)
-    plan = shard_plan(*plan_epoch(rows, labels, seed=0, epoch=0, augment=False, shuffle=False), shard)
+    plan = shard_plan(*plan_epoch(rows, labels, seed=0, epoch=0, augment=None, shuffle=False), shard)
     return (
         tf.data.Dataset.from_tensor_slices(plan)
-        .map(lambda row, label, angle, weight: (load_volume(row)[..., tf.newaxis], label, weight),
+        .map(lambda row, label, angle, moves, weight: (load_volume(row)[..., tf.newaxis], label, weight),
              num_parallel_calls=PARALLEL_CALLS)
         .batch(batch_size)
         .prefetch(PREFETCH_BATCHES)
