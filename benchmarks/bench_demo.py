@@ -45,14 +45,15 @@ ARMS = {  # name: (cache shape, fit flags beyond the demo's)
     "64x16-w0.5-e20": ((64, 64, 16), ["--epochs", "20", "--width", "0.5"]),
     "64x16-w0.5-e16-b8": ((64, 64, 16), ["--epochs", "16", "--width", "0.5", "--batch-size", "8"]),
     "64x16-w0.5-e16-b4": ((64, 64, 16), ["--epochs", "16", "--width", "0.5", "--batch-size", "4"]),
+    "64x16-w0.5-e16-nocrop": ((64, 64, 16), ["--epochs", "16", "--width", "0.5"], ["--crop", "none"]),
 }
 
 
-def make_cache(out: Path, shape: tuple[int, int, int]) -> Path:
-    cache = out / f"demo-{'x'.join(map(str, shape))}.h5"
+def make_cache(out: Path, shape: tuple[int, int, int], build_flags=()) -> Path:
+    cache = out / f"demo-{'x'.join(map(str, shape))}{''.join(build_flags)}.h5"
     if not cache.is_file():
         python("preprocess", "build", "--raw", str(DEMO_RAW), "--out", str(cache), "--shape", *map(str, shape),
-               "--quiet")
+               *build_flags, "--quiet")
     return cache
 
 
@@ -82,8 +83,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     results: dict[str, list[tuple]] = {arm: [] for arm in arguments.arms}
     for arm in arguments.arms:
-        shape, flags = ARMS[arm]
-        cache = make_cache(arguments.out, shape)
+        shape, flags, *build_flags = ARMS[arm]
+        cache = make_cache(arguments.out, shape, *build_flags)
         for seed in range(arguments.seeds):
             run_dir = arguments.out / f"{arm}-seed{seed}"
             seconds_file = arguments.out / f"{arm}-seed{seed}.seconds"

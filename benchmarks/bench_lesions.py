@@ -22,7 +22,7 @@ and 80 abnormal phantoms drawn 0.1-25% (synth seed 303): each band's abnormal sc
 normal ones. Then mean ± sd per arm over seeds. Runs are real `python -m train fit` processes,
 kept in --out: a finished run is read, not repeated.
 
-    python benchmarks/bench_lesions.py [--sets 84 252] [--arms today crop crop-b8 ...] [--seeds 3] [--out runs/bench_lesions]
+    python benchmarks/bench_lesions.py [--sets 84 252] [--arms today crop crop-b8 ...] [--seeds 3] [--epochs 30] [--out runs/bench_lesions]
 
 A 30-epoch run on the 84 set takes 5-15 minutes on 2 CPU cores; see docs/benchmarks.md.
 """
@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["84"], choices=sorted(SETS))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (0 .. N-1)")
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs a run (the issue's target: 30)")
     parser.add_argument("--first-seed", type=int, default=0, help="start at this seed (another machine adds seeds)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_lesions", help="runs (kept)")
     arguments = parser.parse_args()
@@ -140,14 +141,16 @@ def main() -> None:
             cache = make_cache(arguments.out, set_name, crop, *window)
             rows = []
             for seed in range(arguments.first_seed, arguments.first_seed + arguments.seeds):
-                name = f"set{set_name}-{arm}-seed{seed}"
+                longer = "" if arguments.epochs == EPOCHS else f"-e{arguments.epochs}"
+                name = f"set{set_name}-{arm}-seed{seed}{longer}"
                 run_dir = arguments.out / name
                 seconds_file = arguments.out / f"{name}.seconds"
                 if not (run_dir / "metrics.json").is_file():
                     start = time.perf_counter()
                     resume = ["--resume"] if run_dir.exists() else []
-                    python("train", "fit", str(cache), "--run-dir", str(run_dir), *resume, "--epochs", str(EPOCHS),
-                           "--padding", "same", "--batch-size", str(batch), *flags, "--seed", str(seed), "--quiet",
+                    python("train", "fit", str(cache), "--run-dir", str(run_dir), *resume,
+                           "--epochs", str(arguments.epochs), "--padding", "same", "--batch-size", str(batch),
+                           *flags, "--seed", str(seed), "--quiet",
                            log=arguments.out / f"{name}.log")
                     seconds_file.write_text(f"{time.perf_counter() - start:.1f}\n")
                 seconds = float(seconds_file.read_text()) if seconds_file.is_file() else float("nan")
