@@ -22,7 +22,7 @@ and 80 abnormal phantoms drawn 0.1-25% (synth seed 303): each band's abnormal sc
 normal ones. Then mean ± sd per arm over seeds. Runs are real `python -m train fit` processes,
 kept in --out: a finished run is read, not repeated.
 
-    python benchmarks/bench_lesions.py [--sets 84 252] [--arms today crop crop-b8 ...] [--seeds 3] [--epochs 30] [--out runs/bench_lesions]
+    python benchmarks/bench_lesions.py [--sets 84 252] [--arms today crop crop-b8 ...] [--seeds 3] [--epochs 30] [--size 128] [--out runs/bench_lesions]
 
 A 30-epoch run on the 84 set takes 5-15 minutes on 2 CPU cores; see docs/benchmarks.md.
 """
@@ -117,14 +117,17 @@ def mean_sd(values) -> str:
 
 
 def main() -> None:
+    global SIZE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=["84"], choices=sorted(SETS))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (0 .. N-1)")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs a run (the issue's target: 30)")
+    parser.add_argument("--size", type=int, default=128, help="phantoms' in-plane pixels (another size: another --out)")
     parser.add_argument("--first-seed", type=int, default=0, help="start at this seed (another machine adds seeds)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_lesions", help="runs (kept)")
     arguments = parser.parse_args()
+    SIZE = arguments.size
     print_machine()
     arguments.out.mkdir(parents=True, exist_ok=True)
     more = synth(arguments.out / "more100", 50, 50, 302)
