@@ -79,7 +79,8 @@ def synth(out: Path, normal: int, abnormal: int, seed: int, involvement=INVOLVEM
 def make_cache(out: Path, set_name: str, crop: str, window: tuple[str, str] | None = None) -> Path:
     scans = SETS[set_name]
     raw = synth(out / f"set{set_name}-raw", scans // 2, scans - scans // 2, 301)
-    cache = out / (f"set{set_name}-{crop}.h5" if window is None else f"set{set_name}-{crop}-hu{window[0]}_{window[1]}.h5")
+    windowed = "" if window is None else f"-hu{window[0]}_{window[1]}"
+    cache = out / f"set{set_name}-{crop}{windowed}.h5"
     if not cache.is_file():
         python("preprocess", "build", "--raw", str(raw), "--out", str(cache), "--shape", *map(str, SHAPE),
                "--crop", crop, *(["--hu-window", *window] if window else []), "--quiet")

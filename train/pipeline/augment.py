@@ -81,16 +81,18 @@ def rotate_volume(volume, angle_degrees) -> tf.Tensor:
     return tf.clip_by_value(tf.reshape(rotated, shape), 0.0, 1.0)
 
 
-def draw_moves(seed: tf.Tensor, count, shape, augment: str) -> tf.Tensor:
+def draw_moves(seed: tf.Tensor, count, shape, augment: str | None) -> tf.Tensor:
     """(count, 6) int32: each volume's mirror flags and shifts (all 0 unless `augment` mirrors and shifts).
 
-    A pure function of the [2] seed; `shape` is the volumes' (H, W, D).
+    A pure function of the [2] seed; `shape` is the volumes' (H, W, D), needed only to shift.
     """
     if augment != "rotate-mirror-shift":
         return tf.zeros([count, MOVE_FIELDS], tf.int32)
+    if shape is None:
+        raise ValueError("mirror-and-shift moves need the volumes' shape")
     flips_seed, shifts_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     flips = tf.random.stateless_uniform([count, 3], seed=flips_seed, minval=0, maxval=2, dtype=tf.int32)
-    largest = [max(0, int(round(SHIFT_FRACTION * side))) for side in shape]
+    largest = [int(round(SHIFT_FRACTION * side)) for side in shape]
     unit = tf.random.stateless_uniform([count, 3], seed=shifts_seed)  # [0, 1)
     span = tf.constant([2 * value + 1 for value in largest], tf.float32)
     shifts = tf.cast(tf.floor(unit * span), tf.int32) - tf.constant(largest, tf.int32)

@@ -127,10 +127,10 @@ class Shard:
 
 
 def plan_epoch(rows: np.ndarray, labels: np.ndarray, seed: int, epoch, augment: str | None,
-               shape: tuple[int, int, int] = (1, 1, 1), shuffle: bool = True, weights: np.ndarray | None = None):
+               shape: tuple[int, int, int] | None = None, shuffle: bool = True, weights: np.ndarray | None = None):
     """One epoch's rows, labels, rotation angles, moves and loss weights (tensors in visiting order), no
-    volumes yet. `augment`: None (nothing drawn), or a kind of `train.pipeline.augment.AUGMENTS` for
-    volumes of `shape`. The angles come from their own stream, so `rotate` draws the same with or
+    volumes yet. `augment`: None (nothing drawn), or a kind of `train.options.AUGMENTS` for volumes of
+    `shape` (needed to shift). The angles come from their own stream, so `rotate` draws the same with or
     without the moves."""
     count = len(rows)
     epoch_seed = lambda stream: tf.random.experimental.stateless_fold_in(  # noqa: E731
@@ -143,14 +143,14 @@ def plan_epoch(rows: np.ndarray, labels: np.ndarray, seed: int, epoch, augment: 
         angles = draw_rotation_angles(epoch_seed("rotation"), count)
     else:
         angles = tf.zeros([count], tf.float32)
-    moves = draw_moves(epoch_seed("moves"), count, shape, augment or "")
+    moves = draw_moves(epoch_seed("moves"), count, shape, augment)
     weights = np.ones(count, np.float32) if weights is None else np.asarray(weights, np.float32)
     return (tf.gather(tf.constant(rows, tf.int64), order), tf.gather(tf.constant(labels, tf.float32), order),
             angles, moves, tf.gather(tf.constant(weights), order))
 
 
 def make_epoch_plan(rows: np.ndarray, labels: np.ndarray, seed: int, epoch, augment: str | None,
-                    shape: tuple[int, int, int] = (1, 1, 1)) -> tf.data.Dataset:
+                    shape: tuple[int, int, int] | None = None) -> tf.data.Dataset:
     """One epoch's (row, label, angle, moves): shuffled rows and what was drawn, no volumes yet."""
     return tf.data.Dataset.from_tensor_slices(plan_epoch(rows, labels, seed, epoch, augment, shape)[:4])
 
@@ -198,7 +198,7 @@ def make_training_dataset(reader: CacheReader, rows: np.ndarray, labels: np.ndar
     global batches with weight-0 samples and cut into this pipeline's part (see `shard_plan`),
     so each epoch is steps_per_epoch(len(rows), global batch size) steps on every worker.
     Without `shard`, this pipeline is the only one and feeds one replica. `augment`: a kind of
-    `train.pipeline.augment.AUGMENTS`, or None for none.
+    `train.options.AUGMENTS`, or None for none.
     """
     if len(rows) == 0:
         raise UserError("the training split is empty")
