@@ -46,6 +46,7 @@ ARMS = {  # name: (cache shape, fit flags beyond the demo's)
     "64x16-w0.5-e16-b8": ((64, 64, 16), ["--epochs", "16", "--width", "0.5", "--batch-size", "8"]),
     "64x16-w0.5-e16-b4": ((64, 64, 16), ["--epochs", "16", "--width", "0.5", "--batch-size", "4"]),
     "64x16-w0.5-e16-nocrop": ((64, 64, 16), ["--epochs", "16", "--width", "0.5"], ["--crop", "none"]),
+    "64x16-w0.5-e16-rms": ((64, 64, 16), ["--epochs", "16", "--width", "0.5", "--augment", "rotate-mirror-shift"]),
 }
 
 

@@ -12,7 +12,8 @@ the default recipe. Arms (each a lever alone, then together):
     crop-b8   --crop lungs, --batch-size 8
     and more levers on top of crop-b4/b8 or crop (b2): avgmax pooling, rates, GroupNorm and
     InstanceNorm, a lung window (`-lungwin`: build --hu-window -1000 -300), mirror-and-shift
-    augmentation (`-rms`: fit --augment rotate-mirror-shift); see ARMS
+    augmentation (`-rms`: fit --augment rotate-mirror-shift), float32 (`-fp32`: fit --precision
+    float32, where `auto` picks bfloat16); see ARMS
 
 Sets: `84` (120 phantoms: 84 train, 18 val, 18 test) and `252` (360 phantoms), synth seed 301.
 For every run it prints the first epoch whose validation AUC reached 0.95 (history.csv; "-" if
@@ -22,7 +23,10 @@ and 80 abnormal phantoms drawn 0.1-25% (synth seed 303): each band's abnormal sc
 normal ones. Then mean ± sd per arm over seeds. Runs are real `python -m train fit` processes,
 kept in --out: a finished run is read, not repeated.
 
-    python benchmarks/bench_lesions.py [--sets 84 252] [--arms today crop crop-b8 ...] [--seeds 3] [--epochs 30] [--size 128] [--out runs/bench_lesions]
+    python benchmarks/bench_lesions.py [--sets 84 252] [--arms today crop crop-b8 ...] [--seeds 3] [--epochs 30]
+        [--size 128] [--involvement 0.1 1] [--out runs/bench_lesions]
+
+`--size` and `--involvement` draw other phantoms: give each its own `--out`.
 
 A 30-epoch run on the 84 set takes 5-15 minutes on 2 CPU cores; see docs/benchmarks.md.
 """
@@ -63,12 +67,14 @@ ARMS = {  # name: (build --crop, fit --batch-size, more fit flags[, build --hu-w
     "crop-b2-lungwin": ("lungs", 2, [], LUNG_WINDOW),
     "crop-b8-rms": ("lungs", 8, ["--augment", "rotate-mirror-shift"]),
     "crop-b2-rms": ("lungs", 2, ["--augment", "rotate-mirror-shift"]),
+    "crop-b8-fp32": ("lungs", 8, ["--precision", "float32"]),
 }
 BANDS = ((0.001, 0.01), (0.01, 0.05), (0.05, 0.25))
 BAND_SET = (303, ("0.1", "25"))  # synth seed and --involvement of the phantoms the bands are measured on
 
 
-def synth(out: Path, normal: int, abnormal: int, seed: int, involvement=INVOLVEMENT) -> Path:
+def synth(out: Path, normal: int, abnormal: int, seed: int, involvement=None) -> Path:
+    involvement = involvement or INVOLVEMENT  # read at call time: --involvement sets it
     if not out.is_dir():
         python("preprocess", "synth", "--out", str(out), "--normal", str(normal), "--abnormal", str(abnormal),
                "--size", str(SIZE), "--slices", *map(str, SLICES), "--involvement", *involvement,
@@ -118,17 +124,20 @@ def mean_sd(values) -> str:
 
 
 def main() -> None:
-    global SIZE
+    global SIZE, INVOLVEMENT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=["84"], choices=sorted(SETS))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (0 .. N-1)")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs a run (the issue's target: 30)")
     parser.add_argument("--size", type=int, default=128, help="phantoms' in-plane pixels (another size: another --out)")
+    parser.add_argument("--involvement", nargs=2, default=INVOLVEMENT, metavar=("LOW", "HIGH"),
+                        help="lesions' share of the lung, percent, of the sets and the 100 more "
+                             "(another: another --out)")
     parser.add_argument("--first-seed", type=int, default=0, help="start at this seed (another machine adds seeds)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_lesions", help="runs (kept)")
     arguments = parser.parse_args()
-    SIZE = arguments.size
+    SIZE, INVOLVEMENT = arguments.size, tuple(arguments.involvement)
     print_machine()
     arguments.out.mkdir(parents=True, exist_ok=True)
     more = synth(arguments.out / "more100", 50, 50, 302)

@@ -68,6 +68,34 @@ def test_resize_keeps_constants_and_means(length, size):
         assert np.allclose(resized.mean(axis=0), signal.mean(axis=0), atol=1e-5)
 
 
+@pytest.mark.parametrize("length, size", [(410, 128), (100, 32), (7, 3), (300, 128)])
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_fractional_shrink_is_the_exact_footprint_mean_on_every_axis(length, size, axis):
+    # reference: repeat each voxel `size` times, then average runs of `length`: every output voxel is
+    # the mean over exactly its footprint, partial voxels weighed by the share of them it covers
+    rng = np.random.default_rng(2)
+    volume = np.moveaxis(rng.uniform(-1000, 3000, (length, 3, 4)).astype(np.float32), 0, axis)
+    fine = np.repeat(volume.astype(np.float64), size, axis=axis)
+    reference = fine.reshape(*volume.shape[:axis], size, length, *volume.shape[axis + 1:]).mean(axis=axis + 1)
+    resized = resize_axis(volume, size, axis)
+    assert resized.shape == reference.shape and resized.dtype == np.float32
+    assert np.abs(resized - reference).max() < 1e-3  # HU: float32 rounding only
+    # a plain linear zoom is not that mean, so the check can tell them apart
+    zoomed = ndimage.zoom(volume, [size / length if a == axis else 1 for a in range(3)], order=1)
+    assert np.abs(zoomed - reference).max() > 1
+
+
+def test_a_box_cut_from_any_memory_order_resizes_alike():
+    # a lungs' box cut from a NIfTI's Fortran-ordered array is neither C- nor F-contiguous
+    rng = np.random.default_rng(3)
+    whole = np.asfortranarray(rng.uniform(0, 1, (90, 70, 9)).astype(np.float32))
+    box = whole[7:88, 5:61, 1:8]
+    assert not box.flags.c_contiguous and not box.flags.f_contiguous
+    reference = resize_volume(np.ascontiguousarray(box), (32, 24, 16))
+    assert np.allclose(resize_volume(box, (32, 24, 16)), reference, atol=1e-6)
+    assert np.allclose(resize_volume(np.ascontiguousarray(whole)[7:88, 5:61, 1:8], (32, 24, 16)), reference, atol=1e-6)
+
+
 def reoriented_copies(hu: np.ndarray):
     """The same anatomy stored in RAS, LPS, LAS and with the in-plane axes swapped."""
     ras_affine = np.diag([0.7, 0.8, 5.0, 1.0])
