@@ -93,13 +93,18 @@ def make_cache(out: Path, set_name: str, crop: str, window: tuple[str, str] | No
     return cache
 
 
+def fractions(involvement: tuple[str, str]) -> tuple[float, float]:
+    """`--involvement` (percent of the lung, as strings) as fractions, as `make_phantom` takes them."""
+    low, high = (float(value) / 100 for value in involvement)
+    return low, high
+
+
 def involvement_of(path: Path, seed: int, involvement: tuple[str, str]) -> float:
     """The lesion share of an abnormal phantom, redrawn from its seed (phantoms are deterministic)."""
     from preprocess.phantoms.synth import make_phantom
 
     number = int(path.name.split("_")[1].split(".")[0])
-    low, high = (float(value) / 100 for value in involvement)
-    return make_phantom(seed, number, True, SIZE, SLICES, None, (low, high)).involvement
+    return make_phantom(seed, number, True, SIZE, SLICES, None, fractions(involvement)).involvement
 
 
 def auc(labels, scores) -> float:

@@ -7,7 +7,7 @@ resizes it as `build` resized the scan. It trains the tutorial network (`build_m
 same`, batch 8, BatchNorm momentum 0.9, bfloat16 where the CPU has it, Adam 3e-4 with one warm-up
 epoch and a cosine decay, the six rotations) for 30 epochs with a second output: a 1x1x1
 convolution on the second block's features (16 x 16 x 8) that predicts which of those cells hold
-lesion (positives weighed `POSITIVE_WEIGHT` times). The arm `--weight 0` is the same script
+lesion (positives weighed `POSITIVE_WEIGHT` times). The weight 0 (`--weights 0 ...`) is the same script
 with that loss switched off: the baseline, in the same run. The classification output is then
 scored on the set's 18 test scans and on bench_lesions.py's 100 more (seed 302), through caches
 (no masks needed there). Not the product's training loop: no PreciseBN, no resume.
@@ -26,7 +26,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench_lesions import EPOCHS, INVOLVEMENT, SHAPE, SIZE, SLICES, auc, make_cache, mean_sd, synth  # noqa: E402
+from bench_lesions import (  # noqa: E402
+    EPOCHS, INVOLVEMENT, SHAPE, SIZE, SLICES, auc, fractions, make_cache, mean_sd, synth,
+)
 from sets import print_machine, python  # noqa: E402
 
 SEED = 301  # bench_lesions.py's sets
@@ -42,7 +44,6 @@ def lesion_masks(cache: Path) -> np.ndarray:
     from preprocess.phantoms.synth import make_phantom
     from preprocess.reading.resize import resize_volume
 
-    low, high = (float(value) / 100 for value in INVOLVEMENT)
     with h5py.File(cache, "r") as file:
         scan_ids, labels = list(file["scan_ids"].asstr()[:]), file["labels"][:]
         boxes = file["scan_stats/lung_box"][:]
@@ -51,7 +52,7 @@ def lesion_masks(cache: Path) -> np.ndarray:
         if not label:
             continue
         number = int(scan_id.split("_")[-1])
-        lesion = make_phantom(SEED, number, True, SIZE, SLICES, None, (low, high)).lesion_mask
+        lesion = make_phantom(SEED, number, True, SIZE, SLICES, None, fractions(INVOLVEMENT)).lesion_mask
         x0, x1, y0, y1, z0, z1 = box
         resized = resize_volume(lesion[x0:x1, y0:y1, z0:z1].astype(np.float32), SHAPE)
         cells = resized.reshape(SHAPE[0] // CELL, CELL, SHAPE[1] // CELL, CELL, SHAPE[2] // CELL, CELL)
@@ -115,14 +116,14 @@ def train_and_score(cache: Path, more_cache: Path, weight: float, seed: int, epo
         else history.history["loss"][-1]
     scores = []
     for source, split in ((cache, "test"), (more_cache, "test")):
-        _, test_volumes, test_labels = read_split(source, split)
+        test_rows, test_volumes, test_labels = read_split(source, split)
         probabilities, cell_probabilities = model.predict(test_volumes[..., None], batch_size=BATCH, verbose=0)
         scores.append(auc(test_labels.astype(int).tolist(), probabilities.ravel().tolist()))
         if source == more_cache:  # the lesion-cell output alone as a classifier: its most confident cell
             cell_max_auc = auc(test_labels.astype(int).tolist(),
                                cell_probabilities.reshape(len(test_labels), -1).max(axis=1).tolist())
         if source == cache:  # where the lesion-cell output puts lesions, against the masks: a cell-level AUC
-            test_masks = all_masks[np.sort(read_split(cache, "test")[0])]
+            test_masks = all_masks[np.sort(test_rows)]
             cell_auc = auc(test_masks.ravel().astype(int).tolist(), cell_probabilities.ravel().tolist())
     return loss, *scores, cell_auc, cell_max_auc
 

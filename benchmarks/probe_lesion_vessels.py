@@ -20,7 +20,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench_lesions import INVOLVEMENT, SETS, SIZE, SLICES  # noqa: E402
+from bench_lesions import INVOLVEMENT, SETS, SIZE, SLICES, fractions  # noqa: E402
 from preprocess.phantoms.synth import make_phantom  # noqa: E402
 
 SEED = 301  # bench_lesions.py's sets
@@ -32,10 +32,9 @@ def main() -> None:
     parser.add_argument("--phantoms", type=int, default=30, help="abnormal phantoms to count")
     arguments = parser.parse_args()
     first_abnormal = SETS["84"] // 2  # synth numbers the normal phantoms first
-    low, high = (float(value) / 100 for value in INVOLVEMENT)
     counts = []
     for number in range(first_abnormal, first_abnormal + arguments.phantoms):
-        phantom = make_phantom(SEED, number, True, SIZE, SLICES, None, (low, high))
+        phantom = make_phantom(SEED, number, True, SIZE, SLICES, None, fractions(INVOLVEMENT))
         hu = phantom.hu.astype(np.float32)
         vessels = np.count_nonzero(phantom.lung_mask & ~phantom.lesion_mask & (hu > VESSEL_HU))
         raised = np.count_nonzero(phantom.lesion_mask & (hu > RAISED_HU))

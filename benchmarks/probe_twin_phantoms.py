@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench_demo_head import predict  # noqa: E402
-from bench_lesions import EPOCHS, INVOLVEMENT, SHAPE, SIZE, SLICES, auc, mean_sd, synth  # noqa: E402
+from bench_lesions import EPOCHS, INVOLVEMENT, SHAPE, SIZE, SLICES, auc, fractions, mean_sd, synth  # noqa: E402
 from sets import print_machine, python  # noqa: E402
 
 SEED = 301  # bench_lesions.py's sets
@@ -40,7 +40,6 @@ def write_twins(out: Path, pairs: int) -> Path:
     from preprocess.phantoms.synth import make_phantom, write_phantom
 
     if not out.is_dir():
-        low, high = (float(value) / 100 for value in INVOLVEMENT)
         partial = out.with_name(out.name + ".partial")
         for folder in ("CT-0", "CT-1"):
             (partial / folder).mkdir(parents=True, exist_ok=True)
@@ -51,7 +50,7 @@ def write_twins(out: Path, pairs: int) -> Path:
         for normal_name, twin_name in zip(normal_names, twin_names):
             number = int(normal_name.split("_")[1])
             write_phantom(make_phantom(SEED, number, False, SIZE, SLICES), partial / "CT-0" / f"{normal_name}.nii.gz")
-            write_phantom(make_phantom(SEED, number, True, SIZE, SLICES, None, (low, high)),
+            write_phantom(make_phantom(SEED, number, True, SIZE, SLICES, None, fractions(INVOLVEMENT)),
                           partial / "CT-1" / f"{twin_name}.nii.gz")
         partial.rename(out)
     return out
@@ -74,15 +73,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     more_aucs = []
     for seed in range(arguments.seeds):
-        run_dir = arguments.out / f"paired{arguments.pairs}-seed{seed}"
+        name = f"paired{arguments.pairs}-seed{seed}"
+        run_dir, seconds_file = arguments.out / name, arguments.out / f"{name}.seconds"
         if not (run_dir / "metrics.json").is_file():
             start = time.perf_counter()
             python("train", "fit", str(cache), "--run-dir", str(run_dir), *(["--resume"] if run_dir.exists() else []),
                    "--epochs", str(EPOCHS), "--padding", "same", "--seed", str(seed), "--quiet",
-                   log=arguments.out / f"paired{arguments.pairs}-seed{seed}.log")
-            (arguments.out / f"paired{arguments.pairs}-seed{seed}.seconds").write_text(
-                f"{time.perf_counter() - start:.1f}\n")
-        seconds_file = arguments.out / f"paired{arguments.pairs}-seed{seed}.seconds"
+                   log=arguments.out / f"{name}.log")
+            seconds_file.write_text(f"{time.perf_counter() - start:.1f}\n")
         seconds = float(seconds_file.read_text()) if seconds_file.is_file() else float("nan")
         history = (run_dir / "history.csv").read_text().splitlines()
         header, last = history[0].split(","), history[-1].split(",")

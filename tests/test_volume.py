@@ -93,7 +93,8 @@ def test_a_box_cut_from_any_memory_order_resizes_alike():
     assert not box.flags.c_contiguous and not box.flags.f_contiguous
     reference = resize_volume(np.ascontiguousarray(box), (32, 24, 16))
     assert np.allclose(resize_volume(box, (32, 24, 16)), reference, atol=1e-6)
-    assert np.allclose(resize_volume(np.ascontiguousarray(whole)[7:88, 5:61, 1:8], (32, 24, 16)), reference, atol=1e-6)
+    c_ordered_box = np.ascontiguousarray(whole)[7:88, 5:61, 1:8]
+    assert np.allclose(resize_volume(c_ordered_box, (32, 24, 16)), reference, atol=1e-6)
 
 
 def reoriented_copies(hu: np.ndarray):
