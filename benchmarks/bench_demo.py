@@ -47,13 +47,23 @@ ARMS = {  # name: (cache shape, fit flags beyond the demo's)
     "64x16-w0.5-e16-b4": ((64, 64, 16), ["--epochs", "16", "--width", "0.5", "--batch-size", "4"]),
     "64x16-w0.5-e16-nocrop": ((64, 64, 16), ["--epochs", "16", "--width", "0.5"], ["--crop", "none"]),
     "64x16-w0.5-e16-rms": ((64, 64, 16), ["--epochs", "16", "--width", "0.5", "--augment", "rotate-mirror-shift"]),
+    # the demo's phantoms written with their lesion masks (`synth --masks`): `fit` trains the lesion-map model
+    "64x16-w0.5-e16-masks": ((64, 64, 16), ["--epochs", "16", "--width", "0.5"], ["--masks"]),
 }
 
 
 def make_cache(out: Path, shape: tuple[int, int, int], build_flags=()) -> Path:
+    """The demo's phantoms cached at `shape`; build flag `--masks` here means: the same phantoms written
+    with their lesion masks (the Makefile's synth, plus --masks), cached with them."""
     cache = out / f"demo-{'x'.join(map(str, shape))}{''.join(build_flags)}.h5"
+    raw = DEMO_RAW
+    if "--masks" in build_flags:
+        build_flags, raw = [flag for flag in build_flags if flag != "--masks"], out / "demo-raw-masks"
+        if not raw.is_dir():
+            python("preprocess", "synth", "--out", str(raw), "--normal", "180", "--abnormal", "180", "--size", "128",
+                   "--masks", "--quiet")
     if not cache.is_file():
-        python("preprocess", "build", "--raw", str(DEMO_RAW), "--out", str(cache), "--shape", *map(str, shape),
+        python("preprocess", "build", "--raw", str(raw), "--out", str(cache), "--shape", *map(str, shape),
                *build_flags, "--quiet")
     return cache
 

@@ -14,6 +14,10 @@ the default recipe. Arms (each a lever alone, then together):
     InstanceNorm, a lung window (`-lungwin`: build --hu-window -1000 -300), mirror-and-shift
     augmentation (`-rms`: fit --augment rotate-mirror-shift), float32 (`-fp32`: fit --precision
     float32, where `auto` picks bfloat16); see ARMS
+    crop-b8-masks: crop-b8 on a cache with the phantoms' lesion masks (`synth --masks`, found by
+    `build`), so `fit` trains the lesion-map model by default (docs/training.md, "Lesion masks");
+    crop-b8-masks25: the same with masks for only every fourth abnormal scan (as MosMedData has masks
+    for some of its CT-1 scans); every other arm's cache is built `--no-masks`
 
 Sets: `84` (120 phantoms: 84 train, 18 val, 18 test) and `252` (360 phantoms), synth seed 301.
 For every run it prints the first epoch whose validation AUC reached 0.95 (history.csv; "-" if
@@ -68,28 +72,39 @@ ARMS = {  # name: (build --crop, fit --batch-size, more fit flags[, build --hu-w
     "crop-b8-rms": ("lungs", 8, ["--augment", "rotate-mirror-shift"]),
     "crop-b2-rms": ("lungs", 2, ["--augment", "rotate-mirror-shift"]),
     "crop-b8-fp32": ("lungs", 8, ["--precision", "float32"]),
+    "crop-b8-masks": ("lungs", 8, []),
+    "crop-b8-masks25": ("lungs", 8, []),
 }
+MASK_ARMS = {"crop-b8-masks": 1, "crop-b8-masks25": 4}  # their caches hold the masks of every Nth abnormal scan
 BANDS = ((0.001, 0.01), (0.01, 0.05), (0.05, 0.25))
 BAND_SET = (303, ("0.1", "25"))  # synth seed and --involvement of the phantoms the bands are measured on
 
 
-def synth(out: Path, normal: int, abnormal: int, seed: int, involvement=None) -> Path:
+def synth(out: Path, normal: int, abnormal: int, seed: int, involvement=None, masks: bool = False) -> Path:
     involvement = involvement or INVOLVEMENT  # read at call time: --involvement sets it
     if not out.is_dir():
         python("preprocess", "synth", "--out", str(out), "--normal", str(normal), "--abnormal", str(abnormal),
                "--size", str(SIZE), "--slices", *map(str, SLICES), "--involvement", *involvement,
-               "--seed", str(seed), "--quiet")
+               "--seed", str(seed), "--quiet", *(["--masks"] if masks else []))
     return out
 
 
-def make_cache(out: Path, set_name: str, crop: str, window: tuple[str, str] | None = None) -> Path:
+def make_cache(out: Path, set_name: str, crop: str, window: tuple[str, str] | None = None, masks: int = 0) -> Path:
+    """The set's cache; with `masks` N, from the same phantoms with the lesion masks of every Nth abnormal one."""
     scans = SETS[set_name]
-    raw = synth(out / f"set{set_name}-raw", scans // 2, scans - scans // 2, 301)
+    with_masks = "" if not masks else "-masks" if masks == 1 else f"-masks{100 // masks}"
+    raw = out / f"set{set_name}-raw{with_masks}"
+    if not raw.is_dir():
+        synth(raw, scans // 2, scans - scans // 2, 301, masks=bool(masks))
+        for index, mask in enumerate(sorted((raw / "masks").glob("*.nii.gz")) if masks else []):
+            if index % masks:
+                mask.unlink()
     windowed = "" if window is None else f"-hu{window[0]}_{window[1]}"
-    cache = out / f"set{set_name}-{crop}{windowed}.h5"
+    cache = out / f"set{set_name}-{crop}{windowed}{with_masks}.h5"
     if not cache.is_file():
         python("preprocess", "build", "--raw", str(raw), "--out", str(cache), "--shape", *map(str, SHAPE),
-               "--crop", crop, *(["--hu-window", *window] if window else []), "--quiet")
+               "--crop", crop, *(["--hu-window", *window] if window else []), *([] if masks else ["--no-masks"]),
+               "--quiet")
     return cache
 
 
@@ -156,7 +171,7 @@ def main() -> None:
     for set_name in arguments.sets:
         for arm in arguments.arms:
             crop, batch, flags, *window = ARMS[arm]
-            cache = make_cache(arguments.out, set_name, crop, *window)
+            cache = make_cache(arguments.out, set_name, crop, *(window or [None]), masks=MASK_ARMS.get(arm, 0))
             rows = []
             for seed in range(arguments.first_seed, arguments.first_seed + arguments.seeds):
                 longer = "" if arguments.epochs == EPOCHS else f"-e{arguments.epochs}"

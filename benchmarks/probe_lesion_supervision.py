@@ -12,8 +12,13 @@ with that loss switched off: the baseline, in the same run. The classification o
 scored on the set's 18 test scans and on bench_lesions.py's 100 more (seed 302), through caches
 (no masks needed there). Not the product's training loop: no PreciseBN, no resume.
 
+`--head map` classifies from the lesion map instead: a 3x3x3 convolution (32 filters) and a 1x1x1 one
+give each cell a logit, and the scan's probability is a sigmoid of an affine function of the
+largest (its slope's sign left free here; `fit`'s lesion-map model holds it non-negative).
+`--block 1` reads the first block's features (2x2x2-voxel cells) instead of the second's.
+
     python benchmarks/probe_lesion_supervision.py [--weights 0 1] [--seeds 2] [--epochs 30]
-        [--out runs/probe_supervision]
+        [--head aux|map] [--block 2|1] [--out runs/probe_supervision]
 """
 from __future__ import annotations
 
@@ -34,11 +39,10 @@ from sets import print_machine, python  # noqa: E402
 SEED = 301  # bench_lesions.py's sets
 BATCH, PEAK_RATE, BN_MOMENTUM = 8, 3e-4, 0.9
 POSITIVE_WEIGHT = 20.0  # a lesion fills a few of the 2,048 cells: unweighted, "no lesion anywhere" costs little
-CELL = 4  # the second block's features are the input pooled twice: 4 x 4 x 4 voxels a cell
 
 
-def lesion_masks(cache: Path) -> np.ndarray:
-    """float32 (N, H/4, W/4, D/4): 1 where a cell of a row's cached volume holds any lesion voxel."""
+def lesion_masks(cache: Path, cell: int) -> np.ndarray:
+    """float32 (N, H/cell, W/cell, D/cell): 1 where a cell of a row's cached volume holds any lesion voxel."""
     import h5py
 
     from preprocess.phantoms.synth import make_phantom
@@ -47,7 +51,7 @@ def lesion_masks(cache: Path) -> np.ndarray:
     with h5py.File(cache, "r") as file:
         scan_ids, labels = list(file["scan_ids"].asstr()[:]), file["labels"][:]
         boxes = file["scan_stats/lung_box"][:]
-    masks = np.zeros((len(scan_ids), *(size // CELL for size in SHAPE)), np.float32)
+    masks = np.zeros((len(scan_ids), *(size // cell for size in SHAPE)), np.float32)
     for row, (scan_id, label, box) in enumerate(zip(scan_ids, labels, boxes)):
         if not label:
             continue
@@ -55,7 +59,7 @@ def lesion_masks(cache: Path) -> np.ndarray:
         lesion = make_phantom(SEED, number, True, SIZE, SLICES, None, fractions(INVOLVEMENT)).lesion_mask
         x0, x1, y0, y1, z0, z1 = box
         resized = resize_volume(lesion[x0:x1, y0:y1, z0:z1].astype(np.float32), SHAPE)
-        cells = resized.reshape(SHAPE[0] // CELL, CELL, SHAPE[1] // CELL, CELL, SHAPE[2] // CELL, CELL)
+        cells = resized.reshape(SHAPE[0] // cell, cell, SHAPE[1] // cell, cell, SHAPE[2] // cell, cell)
         masks[row] = cells.max(axis=(1, 3, 5)) > 0.25
     return masks
 
@@ -68,8 +72,8 @@ def read_split(cache: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndar
         return rows, file["volumes"][np.sort(rows)], file["labels"][np.sort(rows)].astype(np.float32)
 
 
-def train_and_score(cache: Path, more_cache: Path, weight: float, seed: int, epochs: int = EPOCHS
-                    ) -> tuple[float, float, float, float, float]:
+def train_and_score(cache: Path, more_cache: Path, weight: float, seed: int, epochs: int = EPOCHS,
+                    head: str = "aux", block: int = 2) -> tuple[float, float, float, float, float]:
     """Train one arm; return its classification loss at the end, the test and 100-more AUCs, the
     lesion-cell AUC on the test scans (cell by cell, against the masks) and the 100-more AUC of
     each scan's most confident cell."""
@@ -81,14 +85,24 @@ def train_and_score(cache: Path, more_cache: Path, weight: float, seed: int, epo
     from train.pipeline.augment import ROTATION_ANGLES_DEGREES, rotate_volume
 
     keras.utils.set_random_seed(seed)
-    all_masks = lesion_masks(cache)
+    cell = 2**block  # each block pools by 2
+    all_masks = lesion_masks(cache, cell)
     rows, volumes, labels = read_split(cache, "train")
     masks = all_masks[np.sort(rows)]
     precision = resolve_precision("auto").policy
     base = build_model(SHAPE, padding="same", precision=precision, bn_momentum=BN_MOMENTUM)
-    cells = keras.layers.Conv3D(1, 1, activation="sigmoid", dtype="float32", name="lesion_cells")(
-        base.get_layer("norm2").output)
-    model = keras.Model(base.input, [base.output, cells])
+    features = base.get_layer(f"norm{block}").output
+    if head == "map":  # the scan's logit is its most lesion-like cell's logit, scaled: classify from the map
+        hidden = keras.layers.Conv3D(32, 3, padding="same", activation="relu", dtype=precision, name="cell_context")(
+            features)
+        logits = keras.layers.Conv3D(1, 1, dtype="float32", name="cell_logits")(hidden)
+        cells = keras.layers.Activation("sigmoid", dtype="float32", name="lesion_cells")(logits)
+        top = keras.layers.GlobalMaxPooling3D(dtype="float32")(logits)
+        output = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="probability_abnormal")(top)
+        model = keras.Model(base.input, [output, cells])
+    else:
+        cells = keras.layers.Conv3D(1, 1, activation="sigmoid", dtype="float32", name="lesion_cells")(features)
+        model = keras.Model(base.input, [base.output, cells])
 
     def weighted_cells_loss(truth, predicted):
         weights = 1.0 + (POSITIVE_WEIGHT - 1.0) * truth
@@ -103,10 +117,10 @@ def train_and_score(cache: Path, more_cache: Path, weight: float, seed: int, epo
 
     def augment(volume, label, mask):
         angle = tf.gather(angles, tf.random.uniform([], 0, len(ROTATION_ANGLES_DEGREES), tf.int32))
-        mask_up = tf.repeat(tf.repeat(tf.repeat(mask, CELL, 0), CELL, 1), CELL, 2)  # rotate at the volume's grid
+        mask_up = tf.repeat(tf.repeat(tf.repeat(mask, cell, 0), cell, 1), cell, 2)  # rotate at the volume's grid
         both = rotate_volume(tf.concat([volume, mask_up], axis=2), angle)
         volume, mask_up = both[:, :, :SHAPE[2]], both[:, :, SHAPE[2]:]
-        mask = tf.nn.max_pool3d(mask_up[None, ..., None], CELL, CELL, "VALID")[0] > 0.5
+        mask = tf.nn.max_pool3d(mask_up[None, ..., None], cell, cell, "VALID")[0] > 0.5
         return volume[..., None], (label[None], tf.cast(mask, tf.float32))
 
     data = (tf.data.Dataset.from_tensor_slices((volumes, labels, masks)).shuffle(len(rows), seed=seed)
@@ -136,6 +150,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs a run (bench_lesions.py's: 30)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "probe_supervision",
                         help="caches (kept; bench_lesions.py's --out reuses its 84 set and 100 more)")
+    parser.add_argument("--head", choices=("aux", "map"), default="aux",
+                        help="aux: the lesion cells beside the classifier; map: classify from the lesion map")
+    parser.add_argument("--block", type=int, choices=(1, 2), default=2, help="the block whose features the cells read")
     arguments = parser.parse_args()
     print_machine()
     arguments.out.mkdir(parents=True, exist_ok=True)
@@ -152,8 +169,8 @@ def main() -> None:
         results = []
         for seed in range(arguments.seeds):
             start = time.perf_counter()
-            loss, test_auc, more_auc, cell_auc, cell_max_auc = train_and_score(cache, more_cache, weight, seed,
-                                                                               arguments.epochs)
+            loss, test_auc, more_auc, cell_auc, cell_max_auc = train_and_score(
+                cache, more_cache, weight, seed, arguments.epochs, arguments.head, arguments.block)
             results.append((test_auc, more_auc))
             print(f"| {weight:g} | {seed} | {time.perf_counter() - start:.0f} | {loss:.2f} | {test_auc:.3f} | "
                   f"{more_auc:.3f} | {cell_auc:.3f} | {cell_max_auc:.3f} |", flush=True)

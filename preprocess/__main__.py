@@ -40,6 +40,12 @@ def make_parser() -> ArgumentParser:
                        help="lungs: find each scan's lungs and keep only their box (plus a 10%% margin) before "
                        "resizing, so a small lesion keeps more voxels; a scan without lungs fails. none: the "
                        "whole field of view, as the Keras tutorial")
+    masks = build.add_mutually_exclusive_group()
+    masks.add_argument("--masks", type=Path, default=None, metavar="FOLDER",
+                       help="lesion masks, MosMedData's <study>_mask.nii.gz on each scan's grid, cut and resized "
+                       "with their scans into the cache, for `fit` to learn where lesions are (default: "
+                       "<raw>/masks when it exists)")
+    masks.add_argument("--no-masks", action="store_true", help="cache no lesion masks, even where <raw>/masks exists")
     build.add_argument("--hu-window", type=finite_float, nargs=2, metavar=("LOW", "HIGH"),
                        default=DEFAULTS.hu_window, help="Hounsfield window clipped and scaled to [0, 1]")
     build.add_argument("--seed", type=non_negative_int, default=DEFAULTS.seed, help="seed of the train/val/test split")
@@ -79,6 +85,9 @@ def make_parser() -> ArgumentParser:
                        help="the lesions' share of the lung, in percent, drawn log-uniformly between LOW and HIGH "
                        "for each abnormal scan, e.g. --involvement 0.1 1 for mild CT-1 findings (the range must "
                        "lie inside one grade's; the scans go to that grade's folder)")
+    synth.add_argument("--masks", action="store_true",
+                       help="also write each abnormal phantom's lesion mask to OUT/masks/study_NNNN_mask.nii.gz, as "
+                       "MosMedData ships its masks (`build` finds them there)")
     synth.add_argument("--seed", type=non_negative_int, default=0, help="seed of the phantoms")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -126,10 +135,13 @@ def run_build(arguments) -> None:
         test_fraction=arguments.test_fraction, scan_timeout_seconds=arguments.scan_timeout,
         backend=arguments.backend, scheduler=arguments.scheduler, force=arguments.force, strict=arguments.strict,
         quiet=arguments.quiet, labels=arguments.labels, normal_class=arguments.normal_class, crop=arguments.crop,
+        masks=arguments.masks, use_masks=not arguments.no_masks,
     )
     report = build_cache(options)
     unlisted = (f"; {report.unlisted} scan file(s) under --raw are not in --labels and were ignored"
                 if report.unlisted else "")
+    if report.masks:
+        unlisted += f"; {report.masks} with a lesion mask"
     if report.up_to_date:
         print(f"{report.out} is up to date: {report.cached} scans, {len(report.failures)} failed{unlisted}")
     else:
@@ -145,8 +157,9 @@ def run_synth(arguments) -> None:
     involvement = tuple(value / 100 for value in arguments.involvement) if arguments.involvement else None
     paths = write_synthetic_archive(arguments.out, arguments.normal, arguments.abnormal, arguments.size,
                                     arguments.seed, slice_range, progress=not arguments.quiet, grades=grades,
-                                    involvement=involvement)
-    print(f"wrote {len(paths)} synthetic scans to {arguments.out}")
+                                    involvement=involvement, masks=arguments.masks)
+    masks = " and their lesion masks" if arguments.masks else ""
+    print(f"wrote {len(paths)} synthetic scans{masks} to {arguments.out}")
 
 
 def run_download(arguments) -> None:

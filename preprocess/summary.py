@@ -30,6 +30,7 @@ def describe_cache(reader: CacheReader) -> str:
         "crop         " + (f"each scan's lungs' box ({attrs.get('lung_method', '?')})"
                            if reader.preprocessing.crop == "lungs" else "none: whole scans"),
         "lungs        " + describe_lungs(reader),
+        "lesion masks " + describe_masks(reader),
     ]
     for name in SPLIT_NAMES:
         rows = reader.split(name)
@@ -57,3 +58,14 @@ def describe_lungs(reader: CacheReader) -> str:
         volumes = sorted(item.lung_volume_ml for item in found)
         text += f"; lung volume {volumes[0]:.0f}-{volumes[-1]:.0f} mL, median {volumes[len(volumes) // 2]:.0f}"
     return text
+
+
+def describe_masks(reader: CacheReader) -> str:
+    """How many rows carry a lesion mask, and how many of them are abnormal; or why none can."""
+    if reader.schema_version < 4:
+        return f"none (a version-{reader.schema_version} cache, from before lesion masks)"
+    masked = reader.lesion_mask_rows
+    if not masked.any():
+        return "none (`build` found no masks; docs/your-data.md, \"Lesion masks\")"
+    abnormal = int((masked & (reader.labels == 1)).sum())
+    return f"{int(masked.sum())} of {len(masked)} scans ({abnormal} abnormal): `fit` learns where lesions are"

@@ -169,7 +169,7 @@ def test_a_version_1_cache_is_read_and_rebuilt_into_the_current_version_with_one
                  "--jobs", "1"]) == 0
     assert f"{out} is a version-1 cache (no scan statistics): rebuilding every scan" in capsys.readouterr().err
     with CacheReader(out) as reader:
-        assert reader.schema_version == SCHEMA_VERSION == 3 and reader.scan_stats() == stats
+        assert reader.schema_version == SCHEMA_VERSION == 4 and reader.scan_stats() == stats
         assert len(reader.records()) == 16
 
 

@@ -12,13 +12,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from common.cli import (  # noqa: E402
-    EXIT_INTERRUPTED, ArgumentParser, configure_logging, exit_with, non_negative_int, positive_float, positive_int,
-    run_command,
+    EXIT_INTERRUPTED, ArgumentParser, configure_logging, exit_with, finite_float, non_negative_int, positive_float,
+    positive_int, run_command,
 )
 from preprocess.cache.schema import SPLIT_NAMES  # noqa: E402
 from train.failures import describe_failure  # noqa: E402
 from train.loop.distribute import STRATEGIES  # noqa: E402
 from train.network.architecture import MAX_WIDTH, MIN_WIDTH  # noqa: E402
+from train.network.lesions import DEFAULT_LESION_WEIGHT, MAX_LESION_WEIGHT  # noqa: E402
 from train.network.precision import PRECISIONS  # noqa: E402
 from train.network.tasks import TASKS  # noqa: E402
 from train.rundir.listing import COLUMNS as RUN_COLUMNS  # noqa: E402
@@ -118,7 +119,7 @@ def make_parser() -> ArgumentParser:
     runs.add_argument("--reverse", action="store_true", help="reverse the default order of --sort")
     runs.add_argument("--cache", type=Path, default=None, metavar="CACHE",
                       help="mark runs not trained on this cache (default: the cache most runs used)%(default).0s")
-    runs.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    runs.add_argument("--json", action="store_true", help="a JSON list instead of a table")
 
     bench = commands.add_parser(
         "bench-input", help="time the training input pipeline alone (no model)", formatter_class=defaults,
@@ -126,10 +127,8 @@ def make_parser() -> ArgumentParser:
         "The last line is '<number> samples/s, peak RSS <n> MiB'.",
     )
     bench.add_argument("cache", type=Path, metavar="CACHE", help="cache file")
-    bench.add_argument("--samples", type=within(positive_int, 1, MAX_BENCH_SAMPLES), default=200,
-                       help="samples to time (after a warm-up)")
-    bench.add_argument("--batch-size", type=whole_number("batch_size"), default=2,
-                       help="volumes per batch")
+    bench.add_argument("--samples", type=within(positive_int, 1, MAX_BENCH_SAMPLES), default=200, help="samples to time")
+    bench.add_argument("--batch-size", type=whole_number("batch_size"), default=2, help="volumes per batch")
     bench.add_argument("--seed", type=whole_number("seed"), default=DEFAULTS.seed, help="seed of order and angles")
     return parser
 
@@ -172,6 +171,10 @@ def add_fit_arguments(parser, run_dir_help: str, resume_help: str) -> None:
                        "from the recipe%(default).0s")
     model.add_argument("--norm", choices=NORMS, default=DEFAULTS.norm, help="after each block: BatchNorm (the "
                        "tutorial's), GroupNorm (8 groups) or InstanceNorm: the last two, each scan's own statistics")
+    model.add_argument("--lesion-weight", type=within(finite_float, 0.0, MAX_LESION_WEIGHT),
+                       default=DEFAULTS.lesion_weight, metavar="W",
+                       help="the lesion-map model, trained on the cache's lesion masks with their loss weighed W "
+                       f"(default {DEFAULT_LESION_WEIGHT:g} when training scans have masks; 0: the plain classifier)")
     model.add_argument("--bn-momentum", type=within(float, 0.0, 0.999999), default=DEFAULTS.bn_momentum,
                        metavar="M", help="momentum of BatchNorm's moving statistics; from the recipe%(default).0s")
 
@@ -181,8 +184,7 @@ def add_fit_arguments(parser, run_dir_help: str, resume_help: str) -> None:
     optimisation.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULTS.recipe,
                               help="precise: BatchNorm statistics re-estimated before every validation, warm-up and "
                               "cosine decay, bfloat16 where native, the last epoch's model; tutorial: the Keras tutorial's training exactly")
-    optimisation.add_argument("--epochs", type=whole_number("epochs"), default=DEFAULTS.epochs,
-                              help="maximum number of epochs")
+    optimisation.add_argument("--epochs", type=whole_number("epochs"), default=DEFAULTS.epochs, help="maximum epochs")
     optimisation.add_argument("--patience", type=whole_number("patience"), default=DEFAULTS.patience,
                               help="with --keep best: stop after this many epochs without a better validation AUC "
                               "(--keep last always trains every epoch)")
@@ -278,7 +280,6 @@ def run_runs(arguments) -> None:
 
 def run_evaluate(arguments) -> None:
     from train.evaluate import evaluate_run, format_report
-
     print(format_report(evaluate_run(arguments.run_dir, arguments.cache, arguments.split)))
 
 
@@ -291,7 +292,6 @@ def run_predict(arguments) -> int:
 
 def run_bench(arguments) -> None:
     from train.bench import benchmark_input, format_benchmark
-
     print(format_benchmark(benchmark_input(arguments.cache, arguments.samples, arguments.batch_size, arguments.seed)))
 
 

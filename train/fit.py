@@ -14,12 +14,15 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from common.errors import UserError
 from common.files import read_json, write_json_atomically
 from preprocess.cache import CacheReader
 from train.loop.distribute import ClusterRole, read_cluster_role
 from train.tensorflow_import import load_tensorflow
 from train.network.architecture import check_input_shape
+from train.network.lesions import LESION_MAP_PRECISE_BN_SCANS, resolve_lesion_weight
 from train.network.memory import check_step_fits
 from train.network.precision import PrecisionChoice, check_precision_supported, resolve_precision
 from train.network.scores import compute_separation
@@ -43,6 +46,7 @@ def fit_model(options: FitOptions) -> FitReport:
     In a multi-worker run every worker calls this; only the chief prepares, locks and writes the
     run directory, and the others train alongside it with a scratch folder (see `train.loop.distribute`).
     """
+    precise_bn_given = options.precise_bn_scans is not None
     options = resolve_recipe(options)
     check_fit_options(options)
     role = read_cluster_role(options.strategy)
@@ -52,6 +56,11 @@ def fit_model(options: FitOptions) -> FitReport:
                 raise UserError(f"{options.cache}: the {split} split is empty; rebuild the cache with "
                                 "more scans or other --val-fraction / --test-fraction")
         check_input_shape(reader.shape, options.padding)
+        masked_rows = reader.lesion_mask_rows[np.concatenate([reader.split("train"), reader.split("val")])]
+        options = replace(options, lesion_weight=resolve_lesion_weight(
+            options.lesion_weight, int(masked_rows.sum()), options.task == "binary"))
+        if options.lesion_weight and not precise_bn_given:  # the lesion map's default (docs/training.md)
+            options = replace(options, precise_bn_scans=LESION_MAP_PRECISE_BN_SCANS)
         if not reader.has_lungs:
             log.warning("%s has no lung boxes (a version-%d cache, built before the lung crop): training on whole "
                         "scans; `preprocess build --force` crops them to the lungs", options.cache,

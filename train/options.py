@@ -7,6 +7,7 @@ from pathlib import Path
 from common.errors import UserError
 from train.loop.distribute import STRATEGIES
 from train.network.architecture import MAX_WIDTH, MIN_WIDTH
+from train.network.lesions import MAX_LESION_WEIGHT
 from train.network.precision import PRECISIONS
 from train.network.tasks import TASKS
 from train.rundir.layout import KEEPS
@@ -82,6 +83,9 @@ class FitOptions:
     precision: str | None = None  # auto: mixed_bfloat16 where the hardware runs bfloat16 natively
     strategy: str = "auto"  # see train.loop.distribute
     task: str = "binary"  # see train.network.tasks
+    # the lesion-cell loss's weight (train.network.lesions); None: 20 when training scans have lesion
+    # masks, else 0 (the plain classifier); `fit` records the resolved value
+    lesion_weight: float | None = None
     # cross-validation (set by `train cv`, not a `fit` flag): train on every fold of the train and
     # validation rows but `fold` (1-based), validate on that one, and leave the test split alone
     fold: int | None = None
@@ -136,6 +140,10 @@ def check_fit_options(options: FitOptions) -> None:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
     if options.task not in TASKS:
         raise UserError(f"--task must be one of {', '.join(TASKS)}, got {options.task!r}")
+    weight = options.lesion_weight
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))
+                               or not 0.0 <= weight <= MAX_LESION_WEIGHT):
+        raise UserError(f"--lesion-weight must be from 0 to {MAX_LESION_WEIGHT:g}, got {weight!r}")
     if (options.fold is None) != (options.folds is None) or (
             options.folds is not None and not 1 <= options.fold <= options.folds):
         raise UserError(f"fold {options.fold} of {options.folds} is not a fold")
@@ -155,7 +163,8 @@ def changed_options(recorded: dict, options: FitOptions) -> list[str]:
         recorded = {**recorded, "recipe": "tutorial", **RECIPES["tutorial"],
                     "batch_size": recorded.get("batch_size", 2)}
     # a run from before --width, --norm or --augment trained the tutorial's width, BatchNorm and rotations
-    recorded = {"width": 1.0, "norm": "batch", "augment": "rotate", **recorded}
+    # and before lesion masks, no lesion map
+    recorded = {"width": 1.0, "norm": "batch", "augment": "rotate", "lesion_weight": 0.0, **recorded}
     return [
         f"--{name.replace('_', '-')} {recorded.get(name)!r} in the run, {current[name]!r} now"
         for name in current

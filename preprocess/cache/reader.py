@@ -7,8 +7,8 @@ import h5py
 import numpy as np
 
 from preprocess.cache.schema import (
-    FORMAT_NAME, READABLE_SCHEMA_VERSIONS, REQUIRED_ATTRIBUTES, ROW_TABLES, SCHEMA_VERSION, SPLIT_NAMES, STATS_GROUP,
-    STATS_TABLES, CacheError, Failure, ScanRecord, SplitOptions, stats_tables,
+    FORMAT_NAME, MASK_TABLES, MASKS_GROUP, READABLE_SCHEMA_VERSIONS, REQUIRED_ATTRIBUTES, ROW_TABLES, SCHEMA_VERSION, SPLIT_NAMES, STATS_GROUP,
+    STATS_TABLES, CacheError, Failure, LesionMaskRecord, ScanRecord, SplitOptions, stats_tables,
 )
 from preprocess.preprocessing import Preprocessing, plain_value
 from preprocess.reading.scan_stats import ScanStats
@@ -59,6 +59,7 @@ class CacheReader:
             raise CacheError(f"{self.path}: damaged cache, missing attributes {', '.join(missing_attrs)}")
         required = ["volumes", *ROW_TABLES, *(f"splits/{name}" for name in SPLIT_NAMES)]
         required += [f"{STATS_GROUP}/{name}" for name in stats_tables(version)]
+        required += [f"{MASKS_GROUP}/{name}" for name in MASK_TABLES] if version >= 4 else []
         missing = [name for name in required if name not in self.file]
         if missing:
             raise CacheError(f"{self.path}: damaged cache, missing {', '.join(missing)}")
@@ -68,7 +69,8 @@ class CacheReader:
         if volumes.dtype != np.float32 or volumes.shape[1:] != shape:
             raise CacheError(f"{self.path}: damaged cache, /volumes is {volumes.dtype} {volumes.shape}, "
                              f"expected float32 (N, {', '.join(map(str, shape))})")
-        for name in [*ROW_TABLES, *(f"{STATS_GROUP}/{name}" for name in stats_tables(version))]:
+        masks = [f"{MASKS_GROUP}/{name}" for name in MASK_TABLES] if version >= 4 else []
+        for name in [*ROW_TABLES, *(f"{STATS_GROUP}/{name}" for name in stats_tables(version)), *masks]:
             if self.file[name].shape[0] != rows:
                 raise CacheError(f"{self.path}: damaged cache, /{name} has {self.file[name].shape[0]} rows, "
                                  f"/volumes has {rows}")
@@ -188,8 +190,37 @@ class CacheReader:
             [tuple(row) for row in file["source_shapes"][:].tolist()],
             [tuple(row) for row in file["source_spacing_mm"][:].tolist()],
             self.scan_stats() or [None] * len(self),
+            self._mask_records(),
         ]
         return [ScanRecord(*row) for row in zip(*columns)]
+
+    def _mask_records(self) -> list[LesionMaskRecord | None]:
+        if self.schema_version < 4:
+            return [None] * len(self)
+        group = self.file[MASKS_GROUP]
+        columns = zip(group["paths"].asstr()[:], group["sizes"][:].tolist(), group["mtimes_ns"][:].tolist(),
+                      group["sha256"].asstr()[:])
+        return [LesionMaskRecord(*row) if row[0] else None for row in columns]
+
+    @property
+    def lesion_mask_rows(self) -> np.ndarray:
+        """bool (N,): which rows carry a lesion mask (none before schema version 4)."""
+        if self.schema_version < 4:
+            return np.zeros(len(self), bool)
+        return self.file[f"{MASKS_GROUP}/paths"].asstr()[:].astype(object) != ""
+
+    def read_lesion_mask(self, row: int) -> np.ndarray:
+        """One row's uint8 (H, W, D) lesion mask, 255 x each voxel's lesion share; zeros for a row without one."""
+        if self.schema_version < 4:
+            return np.zeros(self.shape, np.uint8)
+        mask = np.empty(self.shape, dtype=np.uint8)
+        try:
+            self.file[f"{MASKS_GROUP}/volumes"].read_direct(mask, source_sel=np.s_[int(row)])
+        except OSError as error:
+            raise CacheError(f"{self.path}: the lesion mask of row {row} cannot be read "
+                             f"({str(error).splitlines()[0]}); rebuild the cache with `python -m preprocess "
+                             "build --force`") from None
+        return mask
 
     def failures(self) -> list[Failure]:
         if "failures" not in self.file:

@@ -21,8 +21,12 @@ from preprocess.preprocessing import Preprocessing
 from preprocess.reading.scan_stats import HISTOGRAM_BINS, ScanStats
 
 FORMAT_NAME = "mosmed3d-cache"
-SCHEMA_VERSION = 3  # 2: /scan_stats (raw-HU statistics per row); 3: the lungs (/scan_stats/lung_*, crop)
-READABLE_SCHEMA_VERSIONS = (1, 2, 3)  # older caches train and evaluate; 1 has no statistics, 1-2 no lungs
+# 2: /scan_stats (raw-HU statistics per row); 3: the lungs (/scan_stats/lung_*, crop); 4: lesion masks (/lesion_masks)
+SCHEMA_VERSION = 4
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4)  # older caches train and evaluate; 1 has no statistics, 1-2 no lungs, 1-3 no masks
+MASKS_GROUP = "lesion_masks"
+# /lesion_masks/<name>, version 4 on: per row, its mask file ("" and 0 for none) and the mask itself
+MASK_TABLES = ("paths", "sizes", "mtimes_ns", "sha256", "volumes")
 STATS_GROUP = "scan_stats"
 # /scan_stats/<name>: dtype and per-row shape; ScanStats's fields (version 2 on)
 STATS_TABLES = {
@@ -68,6 +72,16 @@ class SplitOptions:
 
 
 @dataclass(frozen=True)
+class LesionMaskRecord:
+    """Which mask file a row's lesion mask came from (`preprocess.finding.masks`)."""
+
+    path: str  # to the masks folder
+    size: int
+    mtime_ns: int
+    sha256: str  # of the file's bytes
+
+
+@dataclass(frozen=True)
 class ScanRecord:
     """One row's provenance, everything but the volume."""
 
@@ -81,6 +95,7 @@ class ScanRecord:
     source_shape: tuple[int, int, int]
     source_spacing_mm: tuple[float, float, float]
     stats: ScanStats | None = None  # None only in a version-1 cache
+    lesion_mask: LesionMaskRecord | None = None  # the row's mask file; None: no mask
 
 
 @dataclass(frozen=True)
@@ -91,17 +106,22 @@ class Failure:
     source_mtime_ns: int
 
 
-def compute_fingerprint(preprocessing: Preprocessing, scan_ids, source_sha256, labels_sha256: str | None = None) -> str:
+def compute_fingerprint(preprocessing: Preprocessing, scan_ids, source_sha256, labels_sha256: str | None = None,
+                        masks=None) -> str:
     """Identify a cache's content: same options and same source files give the same value.
 
     A build from a labels file (`build --labels`) adds the file's sha256, so a relabelled cache
-    never passes for the old one; a build from class folders has its labels in its scan ids.
+    never passes for the old one; a build from class folders has its labels in its scan ids. Each
+    row's lesion mask (`masks`: a `LesionMaskRecord` or None per row) adds that file's sha256.
     """
     digest = hashlib.sha256(json.dumps(preprocessing.to_json(), sort_keys=True).encode())
     for scan_id, sha in zip(scan_ids, source_sha256):
         digest.update(f"\n{scan_id}\t{sha}".encode())
     if labels_sha256 is not None:
         digest.update(f"\nlabels\t{labels_sha256}".encode())
+    for scan_id, mask in zip(scan_ids, masks or ()):
+        if mask is not None:
+            digest.update(f"\nmask\t{scan_id}\t{mask.sha256}".encode())
     return digest.hexdigest()
 
 
@@ -122,5 +142,5 @@ def stale_temp_files(out: Path) -> list[Path]:
 
 def estimated_cache_bytes(rows: int, shape) -> int:
     """An upper bound on a cache file's size: the volumes plus generous room for the tables."""
-    return rows * int(np.prod(shape)) * 4 + rows * 4096 + 1024**2
+    return rows * int(np.prod(shape)) * 5 + rows * 4096 + 1024**2  # float32 volumes, uint8 masks
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from common.files import move_into_place
 from preprocess.cache.schema import (
-    FORMAT_NAME, SCHEMA_VERSION, SPLIT_NAMES, STATS_GROUP, STRING, CacheError, Failure, ScanRecord, SplitOptions, stats_tables,
+    FORMAT_NAME, MASKS_GROUP, SCHEMA_VERSION, SPLIT_NAMES, STATS_GROUP, STRING, CacheError, Failure, ScanRecord, SplitOptions, stats_tables,
     compute_fingerprint, estimated_cache_bytes, temp_path_for,
 )
 from preprocess.preprocessing import Preprocessing, jsonable
@@ -50,6 +50,11 @@ class CacheWriter:
                 self.file.create_dataset(
                     "volumes", shape=(self.capacity, *shape), maxshape=(None, *shape),
                     dtype=np.float32, chunks=(1, *shape),
+                )
+                # most rows have no mask: their chunks are never written, so they cost no bytes
+                self.file.create_dataset(
+                    f"{MASKS_GROUP}/volumes", shape=(self.capacity, *shape), maxshape=(None, *shape),
+                    dtype=np.uint8, chunks=(1, *shape), fillvalue=0, compression="gzip", compression_opts=1,
                 )
         except BaseException:  # Ctrl-C can land here, after the file exists: __exit__ would not run
             self._abandon()
@@ -90,8 +95,9 @@ class CacheWriter:
             sys.unraisablehook = hook
         self.temp_path.unlink(missing_ok=True)
 
-    def append(self, record: ScanRecord, volume: np.ndarray) -> None:
-        """Write the next row; rows must come in scan-id order."""
+    def append(self, record: ScanRecord, volume: np.ndarray, lesion_mask: np.ndarray | None = None) -> None:
+        """Write the next row, with its lesion mask (uint8, the volume's shape) if its record names one;
+        rows must come in scan-id order."""
         if self.records and record.scan_id <= self.records[-1].scan_id:
             raise ValueError(f"rows out of order: {record.scan_id} after {self.records[-1].scan_id}")
         if volume.shape != tuple(self.preprocessing.shape) or volume.dtype != np.float32:
@@ -99,8 +105,13 @@ class CacheWriter:
         row = len(self.records)
         if row >= self.capacity:
             raise ValueError("more rows than the writer's capacity")
+        if (record.lesion_mask is None) != (lesion_mask is None) or (
+                lesion_mask is not None and (lesion_mask.shape != volume.shape or lesion_mask.dtype != np.uint8)):
+            raise ValueError(f"row {record.scan_id}: a lesion mask needs its record, uint8 at the volume's shape")
         with self._writing():
             self.file["volumes"].write_direct(np.ascontiguousarray(volume), dest_sel=np.s_[row])
+            if lesion_mask is not None:
+                self.file[f"{MASKS_GROUP}/volumes"].write_direct(np.ascontiguousarray(lesion_mask), dest_sel=np.s_[row])
         self.records.append(record)
 
     def commit(self, splits: dict[str, np.ndarray], failures: list[Failure]) -> None:
@@ -115,6 +126,14 @@ class CacheWriter:
     def _write_tables(self, splits: dict[str, np.ndarray], failures: list[Failure]) -> None:
         file, records = self.file, self.records
         file["volumes"].resize(len(records), axis=0)
+        file[f"{MASKS_GROUP}/volumes"].resize(len(records), axis=0)
+        masks = [record.lesion_mask for record in records]
+        for name, field, dtype in (("paths", "path", STRING), ("sha256", "sha256", STRING),
+                                   ("sizes", "size", np.int64), ("mtimes_ns", "mtime_ns", np.int64)):
+            empty = "" if dtype is STRING else 0
+            values = [empty if mask is None else getattr(mask, field) for mask in masks]
+            file.create_dataset(f"{MASKS_GROUP}/{name}", data=np.array(values, dtype=object if dtype is STRING else dtype),
+                                dtype=dtype)
         column = lambda name: [getattr(record, name) for record in records]  # noqa: E731
         file.create_dataset("labels", data=np.array(column("label"), dtype=np.int8).reshape(-1))
         for name, attribute in (("scan_ids", "scan_id"), ("class_names", "class_name"),
@@ -150,7 +169,7 @@ class CacheWriter:
         attrs["package_version"] = self.package_version
         attrs["created_utc"] = np.datetime64("now", "s").astype(str) + "Z"
         attrs["fingerprint"] = compute_fingerprint(
-            self.preprocessing, column("scan_id"), column("source_sha256"), self.labels_sha256
+            self.preprocessing, column("scan_id"), column("source_sha256"), self.labels_sha256, column("lesion_mask")
         )
 
 

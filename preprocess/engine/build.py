@@ -27,6 +27,7 @@ from preprocess.cache import (
 from preprocess.engine.options import BuildOptions, check_options
 from preprocess.engine.parallel import preprocessed_in_parallel
 from preprocess.engine.scans import TIMEOUT_REASON
+from preprocess.finding.masks import attach_masks, masks_folder
 from preprocess.finding.sources import Source, find_sources
 from preprocess.engine.splits import make_splits
 from preprocess.engine.workers import remove_orphaned_handoffs
@@ -43,6 +44,7 @@ class BuildReport:
     reused: int
     failures: list[Failure]
     unlisted: int = 0  # with --labels: scan files under --raw that no row lists (ignored)
+    masks: int = 0  # rows with a lesion mask
 
 
 def open_previous(options: BuildOptions) -> CacheReader | None:
@@ -68,6 +70,8 @@ def build_cache(options: BuildOptions) -> BuildReport:
                                                      labelled.sha256)
     else:
         (sources, refused), unlisted, labels_sha256 = find_sources(options.raw), 0, None
+    if options.use_masks:
+        sources = attach_masks(sources, masks_folder(options.raw, options.masks))
     # leftovers of killed builds are cleaned only once this build has scans to work on: a build
     # refused for bad input changes nothing on disk and says one line
     for stale in stale_temp_files(out):
@@ -78,7 +82,9 @@ def build_cache(options: BuildOptions) -> BuildReport:
     previous = open_previous(options)
     try:
         report = _build(options, preprocessing, sources, refused, previous, labels_sha256)
-        return replace(report, unlisted=unlisted)
+        with CacheReader(report.out) as cache:
+            masks = int(cache.lesion_mask_rows.sum())
+        return replace(report, unlisted=unlisted, masks=masks)
     finally:
         if previous is not None:
             previous.close()
@@ -101,12 +107,20 @@ def _build(options, preprocessing, sources, refused, previous, labels_sha256) ->
     def unchanged(source: Source, entry) -> bool:
         return entry is not None and (entry.source_size, entry.source_mtime_ns) == (source.size, source.mtime_ns)
 
+    def same_mask(source: Source, record: ScanRecord) -> bool:
+        mask, kept = source.mask, record.lesion_mask
+        if mask is None or kept is None:
+            return mask is None and kept is None
+        return (mask.relative_path, mask.size, mask.mtime_ns) == (kept.path, kept.size, kept.mtime_ns)
+
     plan = []  # (source, "reuse" | "failed" | "process")
     for source in sources:
         reused = reusable_rows.get(source.relative_path)
-        if reused is not None and unchanged(source, reused[1]) and reused[1].scan_id == source.scan_id:
+        if reused is not None and unchanged(source, reused[1]) and reused[1].scan_id == source.scan_id \
+                and same_mask(source, reused[1]):
             plan.append((source, "reuse"))
-        elif unchanged(source, known_failures.get(source.relative_path)):
+        elif source.mask is None and unchanged(source, known_failures.get(source.relative_path)):
+            # (a failed scan with a mask is tried again: the mask may be what failed, and it may have changed)
             plan.append((source, "failed"))
         else:
             plan.append((source, "process"))
@@ -138,7 +152,8 @@ def _build(options, preprocessing, sources, refused, previous, labels_sha256) ->
                 row, record = reusable_rows[source.relative_path]
                 # a labels file may have given the row another class: the volume is the same
                 record = replace(record, label=source.label, class_name=source.class_name)
-                writer.append(record, previous.read_volume(row))
+                mask = previous.read_lesion_mask(row) if record.lesion_mask else None
+                writer.append(record, previous.read_volume(row), mask)
                 reused += 1
             elif action == "failed":
                 failures.append(known_failures[source.relative_path])
@@ -151,7 +166,7 @@ def _build(options, preprocessing, sources, refused, previous, labels_sha256) ->
                                     "(workers must see --raw at the same path as this machine, e.g. on shared "
                                     "storage); previous cache left as it was")
                 if outcome.reason is None:
-                    writer.append(outcome.record, outcome.volume)
+                    writer.append(outcome.record, outcome.volume, outcome.lesion_mask)
                     reprocessed += 1
                 else:
                     failure = Failure(source.relative_path, outcome.reason, source.size, source.mtime_ns)
@@ -212,4 +227,5 @@ def _fingerprint_of(preprocessing, plan, reusable_rows, labels_sha256) -> str:
     """The fingerprint a build of only reused rows would write (it covers a labels file's content)."""
     records = [reusable_rows[source.relative_path][1] for source, action in plan if action == "reuse"]
     return compute_fingerprint(preprocessing, [record.scan_id for record in records],
-                               [record.source_sha256 for record in records], labels_sha256)
+                               [record.source_sha256 for record in records], labels_sha256,
+                               [record.lesion_mask for record in records])

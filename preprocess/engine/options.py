@@ -39,6 +39,8 @@ class BuildOptions:
     labels: Path | None = None  # a `path,class` CSV instead of class folders (preprocess.finding.labels)
     normal_class: str = NORMAL_CLASS  # the class whose scans get label 0
     crop: str = "lungs"  # "lungs": each volume is its scan's lungs' box (preprocess.reading.lungs); "none": the whole scan
+    masks: Path | None = None  # lesion masks' folder (preprocess.finding.masks); None: <raw>/masks if it exists
+    use_masks: bool = True  # False (--no-masks): cache no masks
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -85,6 +87,8 @@ def check_options(options: BuildOptions) -> None:
         raise UserError("--normal-class needs a class name, e.g. CT-0 or normal")
     if options.labels is None and options.normal_class != BuildOptions.normal_class:
         raise UserError("--normal-class is for --labels FILE.csv; class folders are CT-k, and CT-0 is normal")
+    if options.masks is not None and not options.use_masks:
+        raise UserError("--masks and --no-masks contradict each other: give one")
     out = Path(options.out)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file path such as {out / 'mosmed.h5'}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from preprocess.cache.schema import ScanRecord
+from preprocess.cache.schema import LesionMaskRecord, ScanRecord
 from preprocess.preprocessing import Preprocessing
 from preprocess.finding.sources import Source
 from preprocess.engine.time_limits import ScanTimeout, time_limit
@@ -33,6 +33,7 @@ class ScanOutcome:
     record: ScanRecord | None = None
     reason: str | None = None
     cannot_open: str | None = None  # the worker could not open the file at all (missing, no permission)
+    lesion_mask: np.ndarray | None = None  # uint8, the volume's shape, when the scan has a mask
 
 
 def process_source(source: Source, preprocessing: Preprocessing, timeout_seconds: float) -> ScanOutcome:
@@ -41,7 +42,7 @@ def process_source(source: Source, preprocessing: Preprocessing, timeout_seconds
         with time_limit(timeout_seconds):
             volume, info = preprocess_scan(
                 source.path, preprocessing.shape, preprocessing.hu_min, preprocessing.hu_max, source.series_files,
-                preprocessing.crop,
+                preprocessing.crop, source.mask.path if source.mask else None,
             )
     except ScanTimeout:
         return ScanOutcome(reason=f"{TIMEOUT_REASON} {timeout_seconds:g} s (--scan-timeout)")
@@ -57,8 +58,11 @@ def process_source(source: Source, preprocessing: Preprocessing, timeout_seconds
         source_path=source.relative_path, source_sha256=info.sha256, source_size=source.size,
         source_mtime_ns=source.mtime_ns, source_shape=info.source_shape,
         source_spacing_mm=info.spacing_mm, stats=info.stats,
+        lesion_mask=LesionMaskRecord(source.mask.relative_path, source.mask.size, source.mask.mtime_ns,
+                                     info.lesion_mask_sha256)
+        if source.mask else None,
     )
-    return ScanOutcome(volume=volume, record=record)
+    return ScanOutcome(volume=volume, record=record, lesion_mask=info.lesion_mask)
 
 
 @contextmanager

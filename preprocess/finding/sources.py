@@ -39,6 +39,17 @@ class Source:
     size: int  # a series: the bytes of all its files
     mtime_ns: int  # a series: a digest of its files' names, sizes and mtimes, so any change shows
     series_files: tuple[Path, ...] = ()  # a DICOM series' files, sorted; empty for a NIfTI file
+    mask: "MaskFile | None" = None  # its lesion mask, if one was found (`preprocess.finding.masks`)
+
+
+@dataclass(frozen=True)
+class MaskFile:
+    """A scan's lesion mask file: where it is, and its size and mtime, which its row remembers."""
+
+    path: Path
+    relative_path: str  # to the masks folder, with forward slashes
+    size: int
+    mtime_ns: int
 
 
 def scan_stem(name: str) -> str | None:

@@ -19,21 +19,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
 from common.errors import UserError
-from common.files import replace_atomically
 from preprocess.phantoms.lesions import (
     GRADE_INVOLVEMENT_RANGES, HU_LUNG, add_graded_lesions, add_lesions, add_lesions_covering, check_involvement,
 )
 from preprocess.finding.sources import find_sources
+from preprocess.phantoms.files import write_nifti
 
-try:  # ISA-L deflates several times faster than zlib, and compression is most of a write
-    from isal import igzip as _gzip
-except ImportError:  # pragma: no cover - isal is a declared dependency
-    import gzip as _gzip
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +39,6 @@ HU_AIR, HU_FAT, HU_SOFT_TISSUE, HU_VESSEL = -1000.0, -100.0, 40.0, 40.0
 STORED_HU_RANGE = (-1024, 3071)  # what a 12-bit scanner stores
 MAX_SLICES = 4096  # the loader refuses longer axes
 MAX_SCANS = 100_000  # a synthetic archive this large is a typo, not a plan
-GZIP_LEVEL = 1  # 512 x 512 x 60 int16 is 31 MB: the fastest level costs only ~10% more bytes
 
 
 @dataclass(frozen=True)
@@ -214,20 +208,12 @@ def paint_tube(hu: np.ndarray, lung: np.ndarray, axis_mm: np.ndarray, center_x_m
     hu[box][inside & lung[box]] = value_hu
 
 
-def write_phantom(phantom: Phantom, path: Path) -> None:
-    """Write an int16 .nii.gz whose bytes depend only on the phantom; replace `path` atomically."""
-    image = nib.Nifti1Image(phantom.hu, phantom.affine)
-    image.set_qform(phantom.affine, code=1)
-    image.set_sform(phantom.affine, code=1)
-    image.header.set_data_dtype(np.int16)
-    image.header.set_slope_inter(1.0, 0.0)
-    image.header.set_xyzt_units("mm", "sec")
-    # mtime=0: gzip headers otherwise carry the time of writing and no two runs would match
-    data = _gzip.compress(image.to_bytes(), compresslevel=GZIP_LEVEL, mtime=0)
-    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return  # unchanged: keep the file's mtime, so an incremental build sees nothing new
-    # through a dot-named temporary file, never taken for a scan: a killed run leaves nothing half written
-    replace_atomically(path, lambda temporary: temporary.write_bytes(data))
+def write_phantom(phantom: Phantom, path: Path, mask_path: Path | None = None) -> None:
+    """Write an int16 .nii.gz whose bytes depend only on the phantom, and its lesion mask (uint8, 1 in
+    a lesion, on the same grid) to `mask_path` if given; each file is replaced atomically."""
+    write_nifti(phantom.hu, phantom.affine, path)
+    if mask_path is not None:
+        write_nifti(phantom.lesion_mask.astype(np.uint8), phantom.affine, mask_path)
 
 
 def class_folder(abnormal: bool, grade: int | None) -> str:
@@ -240,13 +226,14 @@ def class_folder(abnormal: bool, grade: int | None) -> str:
 def write_synthetic_archive(out_dir: Path, normal: int, abnormal: int, size: int = 512, seed: int = 0,
                             slice_range: tuple[int, int] | None = None, progress: bool = True,
                             grades: tuple[int, ...] | None = None,
-                            involvement: tuple[float, float] | None = None) -> list[Path]:
+                            involvement: tuple[float, float] | None = None, masks: bool = False) -> list[Path]:
     """Write `normal` phantoms to OUT/CT-0 and `abnormal` ones to OUT/CT-1 and return their paths.
 
     With `grades`, abnormal studies go round robin to OUT/CT-<grade>, their lesions covering that
     grade's share of the lung; with `involvement` (low, high), fractions of the lung, their lesions cover a
     share drawn log-uniformly in that range, and they go to the folder of the grade holding it;
-    with neither, they are ungraded and all in CT-1.
+    with neither, they are ungraded and all in CT-1. With `masks`, each abnormal study's lesion mask goes to
+    OUT/masks/study_NNNN_mask.nii.gz, as MosMedData ships its masks (`preprocess.finding.masks`).
     Study numbers run across the archive: normal studies are study_0000 .. normal-1 and abnormal
     ones continue from `normal`. Refuses a folder holding other scans, which would mix archives.
     tqdm progress bar unless progress=False.
@@ -282,7 +269,7 @@ def write_synthetic_archive(out_dir: Path, normal: int, abnormal: int, size: int
         raise UserError(f"{out_dir} already holds {len(foreign)} scans this archive would not write "
                         f"(e.g. {foreign[0]}); use an empty folder")
     try:
-        for folder in sorted({path.parent for path in paths}):
+        for folder in sorted({path.parent for path in paths} | ({out_dir / "masks"} if masks else set())):
             folder.mkdir(parents=True, exist_ok=True)
         bar = tqdm(paths, desc="synth", unit="scan", disable=not progress)
         for path, (number, is_abnormal, grade) in zip(bar, studies):
@@ -290,7 +277,8 @@ def write_synthetic_archive(out_dir: Path, normal: int, abnormal: int, size: int
                 phantom = make_phantom(seed, number, True, size, slice_range, None, tuple(involvement))
             else:
                 phantom = make_phantom(seed, number, is_abnormal, size, slice_range, grade)
-            write_phantom(phantom, path)
+            write_phantom(phantom, path, out_dir / "masks" / f"study_{number:04d}_mask.nii.gz"
+                          if masks and is_abnormal else None)
     except OSError as error:
         raise UserError(f"cannot write into {out_dir}: {error.strerror or error}") from None
     extent = ("ungraded" if grades is None else "grades " + " ".join(map(str, grades))) if involvement is None \

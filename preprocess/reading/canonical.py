@@ -37,6 +37,8 @@ class ScanInfo:
     spacing_mm: tuple[float, float, float]  # along the canonical axes
     sha256: str  # of the file bytes as stored (compressed or not)
     stats: ScanStats | None = None  # raw-HU statistics (`preprocess.reading.scan_stats`), filled by `preprocess.reading.transform.preprocess_scan`
+    lesion_mask: np.ndarray | None = None  # uint8 at the volume's shape: 255 x the lesion share of each voxel, given a mask
+    lesion_mask_sha256: str = ""  # of that mask file's bytes
 
 
 @dataclass(frozen=True)

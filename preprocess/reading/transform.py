@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess.reading.canonical import ScanInfo
+from preprocess.reading.canonical import ScanError, ScanInfo
 from preprocess.reading.formats import open_any_scan
 from preprocess.reading.lungs import CROPS, find_lungs, in_plane_stride, whole_volume
 from preprocess.reading.resize import resize_volume
@@ -33,7 +33,7 @@ def window_volume(hu: np.ndarray, hu_min: float, hu_max: float) -> np.ndarray:
 
 def preprocess_scan(
     path: Path, shape: tuple[int, int, int], hu_min: float, hu_max: float, series_files: tuple[Path, ...] = (),
-    crop: str = "none",
+    crop: str = "none", mask_path: Path | None = None,
 ) -> tuple[np.ndarray, ScanInfo]:
     """The whole per-scan transform: load, reorient, find the lungs, crop, window, resize. Returns float32
     in [0, 1], and the scan's info with its raw-HU statistics (`preprocess.reading.scan_stats`), taken
@@ -41,7 +41,9 @@ def preprocess_scan(
 
     `path` is a NIfTI file or a DICOM series folder; `series_files`, when given, are the series' files.
     `crop` "lungs" resizes only the lungs' box (the whole scan when no lungs are found: such a scan
-    is refused by `scan_stats.hard_problems` before it is used); "none" the whole scan.
+    is refused by `scan_stats.hard_problems` before it is used); "none" the whole scan. `mask_path`, a
+    lesion mask on the scan's grid (`preprocess.finding.masks`), is cut and resized as the scan is,
+    into the info's `lesion_mask`.
 
     Slices are windowed and resized in-plane a slab at a time, so the full-size float32 copy
     of the scan never exists: the working set stays in the CPU cache, which is what lets two
@@ -67,4 +69,22 @@ def preprocess_scan(
             slabs.append(resize_volume(window_volume(kept, hu_min, hu_max), in_plane))
     volume = resize_volume(np.concatenate(slabs, axis=2), shape)
     np.clip(volume, 0.0, 1.0, out=volume)  # float rounding in the averages may step past 1
-    return volume, replace(scan.info, stats=stats.result(lungs))
+    info = replace(scan.info, stats=stats.result(lungs))
+    if mask_path is not None:
+        mask, digest = transform_mask(mask_path, full_shape, (x0, x1, y0, y1, z0, z1), shape)
+        info = replace(info, lesion_mask=mask, lesion_mask_sha256=digest)
+    return volume, info
+
+
+def transform_mask(path: Path, scan_shape: tuple[int, int, int], box, shape: tuple[int, int, int]
+                   ) -> tuple[np.ndarray, str]:
+    """A lesion mask (any voxel above 0.5 is lesion) cut to the scan's `box` and resized to `shape`
+    as the scan was: uint8, 255 x each voxel's lesion share (area averaging keeps a small lesion's
+    share where nearest-neighbour sampling could drop it)."""
+    mask = open_any_scan(Path(path))
+    if mask.stored.shape != tuple(scan_shape):
+        raise ScanError(f"its lesion mask {Path(path).name} has {mask.stored.shape[0]}x{mask.stored.shape[1]}x"
+                        f"{mask.stored.shape[2]} voxels, the scan {scan_shape[0]}x{scan_shape[1]}x{scan_shape[2]}")
+    x0, x1, y0, y1, z0, z1 = box
+    lesion = (mask.hounsfield()[x0:x1, y0:y1, z0:z1] > 0.5).astype(np.float32)
+    return np.rint(np.clip(resize_volume(lesion, shape), 0.0, 1.0) * 255).astype(np.uint8), mask.info.sha256

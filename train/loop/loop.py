@@ -19,7 +19,9 @@ from train.pipeline.data import (
 from train.loop.events import ScalarEventLogger
 from train.loop.precise_bn import PreciseBatchNorm, precise_bn_rows
 from train.loop.recorder import RunRecorder, set_random_generator_states
-from train.network.architecture import scaled
+from train.network.architecture import lesion_cell_grid, scaled
+from train.network.lesion_training import FlatLogNames, LesionTargets, lesion_cells_loss
+from train.network.lesions import LESION_OUTPUT, PROBABILITY_OUTPUT
 from train.network.model import build_model
 from train.network.precision import needs_loss_scaling
 from train.options import FitOptions
@@ -77,13 +79,22 @@ def make_optimizer(options: FitOptions, steps_per_epoch: int) -> keras.optimizer
 
 
 def make_compiled_model(input_shape, options: FitOptions, task: Task, steps_per_epoch: int) -> keras.Model:
+    """The network, compiled; with a lesion weight, the lesion-map model with its two losses
+    (`train.network.lesions`), the label's metrics under the names every run logs (`FlatLogNames`)."""
+    lesion_map = bool(options.lesion_weight)
     model = build_model(tuple(input_shape), padding=options.padding, precision=options.precision,
                         architecture=scaled(options.width), classes=task.output_units,
-                        bn_momentum=options.bn_momentum, pooling=options.pooling, norm=options.norm)
+                        bn_momentum=options.bn_momentum, pooling=options.pooling, norm=options.norm,
+                        lesion_map=lesion_map)
+    if not lesion_map:
+        model.compile(optimizer=make_optimizer(options, steps_per_epoch), loss=make_loss(task),
+                      metrics=make_training_metrics(task))
+        return model
     model.compile(
         optimizer=make_optimizer(options, steps_per_epoch),
-        loss=make_loss(task),
-        metrics=make_training_metrics(task),
+        loss={PROBABILITY_OUTPUT: make_loss(task), LESION_OUTPUT: lesion_cells_loss},
+        loss_weights={PROBABILITY_OUTPUT: 1.0, LESION_OUTPUT: float(options.lesion_weight)},
+        metrics={PROBABILITY_OUTPUT: make_training_metrics(task)},
     )
     return model
 
@@ -101,7 +112,7 @@ def load_training_state_model(path: Path, input_shape: tuple[int, int, int], ran
         raise UserError(f"cannot load the training state to resume: {error}") from None
 
 
-def build_before_fit(model: keras.Model, strategy, input_shape, task: Task) -> None:
+def build_before_fit(model: keras.Model, strategy, input_shape, task: Task, lesions: LesionTargets | None) -> None:
     """Create the model's metric and optimizer variables from the input's shapes, in the strategy's scope.
 
     Keras 3's `fit` creates them from its first batch, which under MultiWorkerMirroredStrategy it
@@ -109,9 +120,13 @@ def build_before_fit(model: keras.Model, strategy, input_shape, task: Task) -> N
     (keras-team/keras#20585, open). Built here from shapes alone, that step has nothing left to
     do, so it is skipped (with `multi_worker_step_logs`, one of the two workarounds for that issue).
     """
-    target = [None] if task.is_binary else [None, task.classes]
-    batch = (tf.TensorSpec([None, *input_shape, 1], tf.float32), tf.TensorSpec(target, tf.float32),
-             tf.TensorSpec([None], tf.float32))
+    target = tf.TensorSpec([None] if task.is_binary else [None, task.classes], tf.float32)
+    weight = tf.TensorSpec([None], tf.float32)
+    if lesions is not None:
+        cells = tf.TensorSpec([None, *lesions.grid[2], 2], tf.float32)
+        target = {PROBABILITY_OUTPUT: target, LESION_OUTPUT: cells}
+        weight = {PROBABILITY_OUTPUT: weight, LESION_OUTPUT: weight}
+    batch = (tf.TensorSpec([None, *input_shape, 1], tf.float32), target, weight)
     with strategy.scope():
         model._symbolic_build(data_batch=batch)
     model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
@@ -179,16 +194,18 @@ def run_training(reader: CacheReader, run_dir: Path, options: FitOptions, state:
             log.info("resuming %s after epoch %d of %d", options.run_dir, first_epoch, options.epochs)
         else:
             model = make_compiled_model(reader.shape, options, task, steps)
-    build_before_fit(model, strategy, reader.shape, task)
+    lesions = LesionTargets(reader, lesion_cell_grid(reader.shape, options.padding, scaled(options.width))) \
+        if options.lesion_weight else None
+    build_before_fit(model, strategy, reader.shape, task, lesions)
 
     def training_pipeline(context):  # called once per worker, with that worker's part of each batch
         return make_training_dataset(reader, train_rows, train_targets, per_replica, options.seed,
                                      first_epoch=first_epoch, epochs=options.epochs, augment=options.augment,
-                                     row_weights=row_weights,
+                                     row_weights=row_weights, lesions=lesions,
                                      shard=Shard.from_input_context(context, per_replica))
 
     def validation_pipeline(context):
-        return make_validation_dataset(reader, val_rows, val_targets, per_replica,
+        return make_validation_dataset(reader, val_rows, val_targets, per_replica, lesions=lesions,
                                        shard=Shard.from_input_context(context, per_replica))
 
     training_data = strategy.distribute_datasets_from_function(training_pipeline)
@@ -199,7 +216,13 @@ def run_training(reader: CacheReader, run_dir: Path, options: FitOptions, state:
     if options.precise_bn_scans:
         # first: the statistics are re-estimated before any other callback sees the validation
         callbacks.insert(0, PreciseBatchNorm(make_precise_bn_batches(reader, train_rows, options)))
+    if lesions is not None:
+        callbacks.insert(0, FlatLogNames())
     counts = ", ".join(f"{int(np.sum(train_classes == index))} {name}" for index, name in enumerate(task.class_names))
+    if lesions is not None:
+        masked = int(reader.lesion_mask_rows[train_rows].sum())
+        log.info("learning where lesions are from %d lesion masks (and %d normal scans), lesion-cell loss weight %g",
+                 masked, int(np.sum(train_classes == 0)), options.lesion_weight)
     log.info("training on %d scans (%s), validating on %d; class weights %s; %d replica(s) x %d = global batch %d",
              len(train_rows), counts, len(val_rows),
              {task.class_names[index]: round(weight, 3) for index, weight in class_weights.items()},

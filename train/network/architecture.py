@@ -18,6 +18,11 @@ class Architecture:
 
 
 TUTORIAL = Architecture()
+# The lesion map (`fit` with lesion masks, `train.network.model`) reads the first block's features:
+# cells of 2 x 2 x 2 voxels. benchmarks/probe_lesion_supervision.py measured it against the second
+# block's 4 x 4 x 4 on 0.1-1% lesions (docs/benchmarks.md, "Learning where the lesion is").
+LESION_BLOCK = 1
+LESION_CONTEXT_FILTERS = 32  # one 3 x 3 x 3 convolution between those features and the map, times --width
 # --width: a multiplier on every layer's width. The range keeps at least 8 filters in the first
 # block at the low end; at the high end the network has 24 million weights (width 1: 1.5 million)
 # and a step about 16 times the operations.
@@ -46,6 +51,20 @@ def feature_map_sizes(size: int, padding: str, architecture: Architecture = TUTO
         size = size // architecture.pool_size if size > 0 else size
         sizes.append(size)
     return sizes
+
+
+def lesion_cell_grid(shape: tuple[int, int, int], padding: str, architecture: Architecture = TUTORIAL,
+                     block: int = LESION_BLOCK) -> tuple[int, int, tuple[int, int, int]]:
+    """Where the lesion map's cells lie in the input: (offset, cell, counts). Cell (i, j, k) of the map
+    read from block `block` stands for the input voxels [offset + cell * i, offset + cell * (i + 1)) along
+    each axis, and the map has `counts` cells. A valid convolution centres its output one voxel (times
+    the stride so far) into its input; a same one does not."""
+    cell = architecture.pool_size ** block
+    offset = 0
+    if padding == "valid":
+        offset = sum((architecture.kernel_size - 1) // 2 * architecture.pool_size ** index for index in range(block))
+    counts = tuple(feature_map_sizes(size, padding, architecture)[block - 1] for size in shape)
+    return offset, cell, counts
 
 
 def minimum_axis_size(padding: str, architecture: Architecture = TUTORIAL) -> int:

@@ -4,14 +4,18 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from train.network.architecture import TUTORIAL, Architecture, check_input_shape
+from train.network.architecture import (
+    LESION_BLOCK, LESION_CONTEXT_FILTERS, TUTORIAL, Architecture, check_input_shape,
+)
+from train.network.lesions import LESION_OUTPUT, PROBABILITY_OUTPUT
 
 GROUPS = 8  # GroupNorm's groups (Wu and He's 32 is for 2D networks with many more channels)
 
 
 def build_model(input_shape: tuple[int, int, int], padding: str = "valid", precision: str = "float32",
                 architecture: Architecture = TUTORIAL, name: str = "3dcnn", classes: int = 1,
-                bn_momentum: float = 0.99, pooling: str = "avg", norm: str = "batch") -> keras.Model:
+                bn_momentum: float = 0.99, pooling: str = "avg", norm: str = "batch",
+                lesion_map: bool = False) -> keras.Model:
     """Functional 3D CNN for (H, W, D) volumes with a channel axis.
 
     With `classes` 1 it returns P(abnormal) (the tutorial's sigmoid); with more, a softmax over
@@ -23,11 +27,20 @@ def build_model(input_shape: tuple[int, int, int], padding: str = "valid", preci
     `norm` is the normalisation after each block: batch (BatchNorm, the tutorial's), group (GroupNorm,
     `GROUPS` groups) or instance (InstanceNorm: a group per channel); the last two normalise each
     scan by its own statistics, so the batch size does not change what they see.
+
+    `lesion_map` (binary only; `fit` with lesion masks) builds another head on the first
+    `LESION_BLOCK` blocks: a 3 x 3 x 3 convolution, then a 1 x 1 x 1 one giving each cell of that
+    block's grid a lesion logit. The model has two outputs, `lesion_cells` (each cell's
+    P(lesion), trained against the masks) and `probability_abnormal`, an affine function of the
+    most lesion-like cell's logit (its slope never negative) through a sigmoid: the scan is
+    called from its lesion map, so a lesion of a few voxels is not averaged away by global
+    pooling. The later blocks are not built.
     """
     check_input_shape(tuple(input_shape), padding, architecture)
     inputs = keras.Input((*input_shape, 1), name="volume")
     features = inputs
-    for index, filters in enumerate(architecture.block_filters, start=1):
+    blocks = architecture.block_filters[:LESION_BLOCK] if lesion_map else architecture.block_filters
+    for index, filters in enumerate(blocks, start=1):
         features = layers.Conv3D(filters, architecture.kernel_size, padding=padding, activation="relu",
                                  dtype=precision, name=f"conv{index}")(features)
         features = layers.MaxPool3D(architecture.pool_size, dtype=precision, name=f"pool{index}")(features)
@@ -36,6 +49,20 @@ def build_model(input_shape: tuple[int, int, int], padding: str = "valid", preci
         else:
             groups = -1 if norm == "instance" else min(GROUPS, filters)
             features = layers.GroupNormalization(groups=groups, dtype=precision, name=f"norm{index}")(features)
+    if lesion_map:
+        if classes != 1:
+            raise ValueError("the lesion map calls one class, abnormal")
+        width = architecture.block_filters[0] / TUTORIAL.block_filters[0]
+        features = layers.Conv3D(max(1, round(LESION_CONTEXT_FILTERS * width)), 3, padding="same", activation="relu",
+                                 dtype=precision, name="lesion_context")(features)
+        logits = layers.Conv3D(1, 1, dtype="float32", name="lesion_logits")(features)
+        cells = layers.Activation("sigmoid", dtype="float32", name=LESION_OUTPUT)(logits)
+        top = layers.GlobalMaxPooling3D(dtype="float32", name="lesion_top")(logits)
+        # increasing in the top cell's logit, from the identity: a free sign would be a coin flip of the
+        # initialisation, and a negative one sets the label's loss against the masks'
+        probability = layers.Dense(1, activation="sigmoid", dtype="float32", name=PROBABILITY_OUTPUT,
+                                   kernel_initializer="ones", kernel_constraint="non_neg")(top)
+        return keras.Model(inputs, {PROBABILITY_OUTPUT: probability, LESION_OUTPUT: cells}, name=name)
     if pooling == "avg":
         features = layers.GlobalAveragePooling3D(dtype=precision, name="global_pool")(features)
     elif pooling == "max":
@@ -48,7 +75,15 @@ def build_model(input_shape: tuple[int, int, int], padding: str = "valid", preci
     features = layers.Dense(architecture.dense_units, activation="relu", dtype=precision, name="dense")(features)
     features = layers.Dropout(architecture.dropout_rate, dtype=precision, name="dropout")(features)
     if classes == 1:
-        outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="probability_abnormal")(features)
+        outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name=PROBABILITY_OUTPUT)(features)
     else:
         outputs = layers.Dense(classes, activation="softmax", dtype="float32", name="grade_probabilities")(features)
     return keras.Model(inputs, outputs, name=name)
+
+
+def served_model(model: keras.Model) -> keras.Model:
+    """The model that answers: a lesion-map model's `probability_abnormal` alone (sharing its weights),
+    any other model itself. Everything after `fit` (evaluate, predict, calibration, Grad-CAM) sees one output."""
+    if isinstance(model.output, dict):
+        return keras.Model(model.input, model.output[PROBABILITY_OUTPUT], name=model.name)
+    return model

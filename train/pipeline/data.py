@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from common.errors import UserError
 from preprocess.cache import CacheError, CacheReader
+from train.network.lesions import LESION_OUTPUT, PROBABILITY_OUTPUT
 from train.pipeline.augment import draw_moves, draw_rotation_angles, move_volume, rotate_volume
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ def sample_weights_of(classes: np.ndarray, class_weights: dict[int, float]) -> n
 def make_training_dataset(reader: CacheReader, rows: np.ndarray, labels: np.ndarray, batch_size: int,
                           seed: int, first_epoch: int = 0, epochs: int = 1, augment: str | None = "rotate",
                           row_weights: np.ndarray | None = None,
-                          shard: Shard | None = None) -> tf.data.Dataset:
+                          shard: Shard | None = None, lesions=None) -> tf.data.Dataset:
     """Batches of (volume (B, H, W, D, 1), target, weight (B,)) for epochs first_epoch .. epochs - 1.
 
     `labels` are the targets: (N,) labels for the binary task, (N, classes) one-hot grades for
@@ -198,7 +199,9 @@ def make_training_dataset(reader: CacheReader, rows: np.ndarray, labels: np.ndar
     global batches with weight-0 samples and cut into this pipeline's part (see `shard_plan`),
     so each epoch is steps_per_epoch(len(rows), global batch size) steps on every worker.
     Without `shard`, this pipeline is the only one and feeds one replica. `augment`: a kind of
-    `train.options.AUGMENTS`, or None for none.
+    `train.options.AUGMENTS`, or None for none. With `lesions`
+    (`train.network.lesion_training.LesionTargets`), each row's lesion marks are moved and rotated
+    with its volume, and the targets and weights are dicts over the lesion-map model's two outputs.
     """
     if len(rows) == 0:
         raise UserError("the training split is empty")
@@ -207,11 +210,22 @@ def make_training_dataset(reader: CacheReader, rows: np.ndarray, labels: np.ndar
 
     def load(row, label, angle, moves, weight):
         volume = load_volume(row)
+        if lesions is not None:
+            return load_with_mask(volume, row, label, angle, moves, weight)
         if augment == "rotate-mirror-shift":
             volume = move_volume(volume, moves)
         if augment:
             volume = rotate_volume(volume, angle)
         return volume[..., tf.newaxis], label, weight
+
+    def load_with_mask(volume, row, label, angle, moves, weight):
+        marks = lesions.load_marks(row)
+        if augment == "rotate-mirror-shift":
+            volume, marks = move_volume(volume, moves), move_volume(marks, moves)
+        if augment:  # one rotation of both, stacked along the slices it turns alike
+            both = rotate_volume(tf.concat([volume, marks], axis=2), angle)
+            volume, marks = both[:, :, :reader.shape[2]], both[:, :, reader.shape[2]:]
+        return volume[..., tf.newaxis], lesions.targets(row, label, marks), both_outputs(weight)
 
     def make_epoch(epoch):
         plan = shard_plan(*plan_epoch(rows, labels, seed, epoch, augment, reader.shape, weights=row_weights), shard)
@@ -222,17 +236,24 @@ def make_training_dataset(reader: CacheReader, rows: np.ndarray, labels: np.ndar
 
 
 def make_validation_dataset(reader: CacheReader, rows: np.ndarray, labels: np.ndarray, batch_size: int,
-                            shard: Shard | None = None) -> tf.data.Dataset:
-    """Batches of (volume, label, weight) in row order, never augmented, padded and cut as in training."""
+                            shard: Shard | None = None, lesions=None) -> tf.data.Dataset:
+    """Batches of (volume, label, weight) in row order, never augmented, padded and cut as in training
+    (with `lesions`, targets and weights for both outputs, as `make_training_dataset`'s)."""
     if len(rows) == 0:
         raise UserError("the validation split is empty")
     shard = shard or Shard(batch_size)
     load_volume = make_volume_loader(reader)
     plan = shard_plan(*plan_epoch(rows, labels, seed=0, epoch=0, augment=None, shuffle=False), shard)
+
+    def load(row, label, angle, moves, weight):
+        if lesions is None:
+            return load_volume(row)[..., tf.newaxis], label, weight
+        return (load_volume(row)[..., tf.newaxis], lesions.targets(row, label, lesions.load_marks(row)),
+                both_outputs(weight))
+
     return (
         tf.data.Dataset.from_tensor_slices(plan)
-        .map(lambda row, label, angle, moves, weight: (load_volume(row)[..., tf.newaxis], label, weight),
-             num_parallel_calls=PARALLEL_CALLS)
+        .map(load, num_parallel_calls=PARALLEL_CALLS)
         .batch(batch_size)
         .prefetch(PREFETCH_BATCHES)
     )
@@ -248,6 +269,11 @@ def make_evaluation_dataset(reader: CacheReader, rows: np.ndarray, labels: np.nd
         .batch(batch_size)
         .prefetch(PREFETCH_BATCHES)
     )
+
+
+def both_outputs(weight: tf.Tensor) -> dict:
+    """A sample's weight for each output of the lesion-map model: the same (its class weight, 0 for padding)."""
+    return {PROBABILITY_OUTPUT: weight, LESION_OUTPUT: weight}
 
 
 def steps_per_epoch(row_count: int, batch_size: int) -> int:

@@ -14,12 +14,15 @@ import keras
 
 from common.errors import UserError
 from train.network.keras_metrics import Specificity
+from train.network.lesion_training import lesion_cells_loss  # noqa: F401 - registers the loss a resumed run compiles with
+from train.network.model import served_model
 from train.rundir.layout import model_path, read_state
 
 
 def load_trained_model(path: Path, compile: bool = False,
                        check: Callable[[keras.Model], None] | None = None) -> keras.Model:
     """A saved .keras model, in safe mode; `compile` also restores the optimizer (to resume training).
+    Without `compile`, the model that answers (`served_model`: a lesion-map model's probability alone).
 
     `check(model)` may refuse the loaded model by raising; that too becomes the one line.
     """
@@ -31,6 +34,8 @@ def load_trained_model(path: Path, compile: bool = False,
     try:
         model = keras.saving.load_model(path, safe_mode=True, compile=compile,
                                         custom_objects={"Specificity": Specificity})
+        if not compile:
+            model = served_model(model)
         if check is not None:
             check(model)
     except Exception as error:

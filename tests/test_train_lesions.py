@@ -1,0 +1,175 @@
+"""fit with lesion masks: the lesion-map model, its targets in the pipeline, its loss, and a run serving one output."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside Keras model.save
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from common.errors import UserError  # noqa: E402
+from conftest import TINY_SHAPE, run_python_module  # noqa: E402
+from preprocess.cache import CacheReader  # noqa: E402
+from preprocess.engine.build import BuildOptions, build_cache  # noqa: E402
+from preprocess.phantoms.synth import write_synthetic_archive  # noqa: E402
+from train.fit import fit_model  # noqa: E402
+from train.network.architecture import lesion_cell_grid  # noqa: E402
+from train.network.lesion_training import ROTATED_MARK, LesionTargets, cell_targets, lesion_cells_loss  # noqa: E402
+from train.network.lesions import POSITIVE_WEIGHT, history_name, resolve_lesion_weight  # noqa: E402
+from train.options import FitOptions  # noqa: E402
+from train.pipeline.augment import move_volume, rotate_volume  # noqa: E402
+from train.pipeline.data import make_epoch_plan, make_training_dataset  # noqa: E402
+from train.predict import predict_scans  # noqa: E402
+from train.rundir.layout import model_path, read_history  # noqa: E402
+from train.rundir.models import load_run_model, load_trained_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def masked(tmp_path_factory) -> tuple[Path, Path]:
+    """(raw, cache): 8 normal and 8 abnormal 48 x 48 phantoms with masks, cached at 32 x 32 x 16."""
+    folder = tmp_path_factory.mktemp("masked")
+    raw = folder / "raw"
+    write_synthetic_archive(raw, normal=8, abnormal=8, size=48, seed=0, progress=False, masks=True)
+    out = folder / "masked.h5"
+    build_cache(BuildOptions(raw=raw, out=out, jobs=1, shape=TINY_SHAPE, quiet=True))
+    return raw, out
+
+
+def options(cache: Path, run_dir: Path, **changes) -> FitOptions:
+    return FitOptions(**{"cache": cache, "run_dir": run_dir, "epochs": 2, "padding": "same", "quiet": True,
+                         "precision": "float32", **changes})
+
+
+def test_a_cache_with_masks_trains_the_lesion_map_model_and_the_run_serves_one_output(masked, tmp_path):
+    raw, cache = masked
+    run_dir = tmp_path / "run"
+    fit_model(options(cache, run_dir))
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["options"]["lesion_weight"] == 20.0
+    assert config["options"]["precise_bn_scans"] == 0  # the lesion map's default, not the recipe's 32
+    history = read_history(run_dir / "history.csv")
+    assert len(history) == 2
+    for name in ("auc", "val_auc", "accuracy", "label_loss", "val_label_loss", "lesion_cells_loss", "loss"):
+        assert name in history[0], name
+    assert not any(name.startswith("probability_abnormal") for name in history[0])
+    saved = keras.saving.load_model(model_path(run_dir), compile=False)
+    assert sorted(saved.output) == ["lesion_cells", "probability_abnormal"]
+    assert saved.get_layer("lesion_cells").output.shape[1:] == (16, 16, 8, 1)
+    assert "global_pool" not in [layer.name for layer in saved.layers]  # the later blocks are not built
+    served = load_run_model(run_dir)
+    assert served.output.shape == (None, 1)
+    results = predict_scans(run_dir, [raw / "CT-1" / "study_0008.nii.gz"])
+    assert results[0].probability_abnormal is not None
+    # a resume reloads the two-output model with its loss (registered, safe mode) and trains on
+    fit_model(options(cache, run_dir, epochs=3, resume=True))
+    assert len(read_history(run_dir / "history.csv")) == 3
+    assert load_trained_model(model_path(run_dir), compile=True).loss is not None
+
+
+def test_lesion_weight_0_trains_the_plain_classifier_on_the_same_cache(masked, tmp_path):
+    _, cache = masked
+    run_dir = tmp_path / "plain"
+    fit_model(options(cache, run_dir, epochs=1, lesion_weight=0.0))
+    assert json.loads((run_dir / "config.json").read_text())["options"]["precise_bn_scans"] == 32  # the recipe's
+    saved = keras.saving.load_model(model_path(run_dir), compile=False)
+    assert not isinstance(saved.output, dict) and "global_pool" in [layer.name for layer in saved.layers]
+    assert "label_loss" not in read_history(run_dir / "history.csv")[0]
+
+
+def test_an_explicit_precise_bn_is_kept_for_the_lesion_map(masked, tmp_path):
+    _, cache = masked
+    fit_model(options(cache, tmp_path / "run", epochs=1, precise_bn_scans=4))
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["options"]
+    assert recorded["precise_bn_scans"] == 4 and recorded["lesion_weight"] == 20.0
+
+
+def test_a_lesion_weight_without_masks_or_for_grades_is_one_line(masked, tiny_cache, tmp_path):
+    with pytest.raises(UserError, match=r"--lesion-weight 5 needs lesion masks, and no training scan of .* has one"):
+        fit_model(options(tiny_cache, tmp_path / "a", lesion_weight=5.0))
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(UserError, match="--lesion-weight is for --task binary"):
+        resolve_lesion_weight(5.0, 3, task_is_binary=False)
+    assert resolve_lesion_weight(None, 3, task_is_binary=False) == 0.0  # grades: the plain classifier
+    assert resolve_lesion_weight(None, 0, task_is_binary=True) == 0.0  # no masks: today's model
+    assert resolve_lesion_weight(None, 3, task_is_binary=True) == 20.0
+    result = run_python_module("train", "fit", str(tiny_cache), "--lesion-weight", "-1")
+    assert result.returncode == 2 and "--lesion-weight" in result.stderr
+
+
+def test_cell_targets_mark_the_cells_holding_lesion_on_the_models_grid():
+    share = np.zeros((8, 8, 4), np.float32)
+    share[5, 2, 1] = 0.3  # a rotated mark's remains: its 2 x 2 x 2 cell (2, 1, 0)
+    share[0, 0, 0] = 0.1  # below ROTATED_MARK: marks nothing
+    targets = cell_targets(tf.constant(share), tf.constant(1.0), lesion_cell_grid((8, 8, 4), "same", block=1)).numpy()
+    assert targets.shape == (4, 4, 2, 2) and (targets[..., 1] == 1).all()
+    assert list(zip(*np.nonzero(targets[..., 0]))) == [(2, 1, 0)]
+    unknown = cell_targets(tf.constant(share), tf.constant(0.0), lesion_cell_grid((8, 8, 4), "same")).numpy()
+    assert (unknown[..., 1] == 0).all()
+    # a valid convolution's grid starts one voxel in: the voxel falls in cell (2, 0, 0)
+    assert lesion_cell_grid((64, 64, 32), "valid") == (1, 2, (31, 31, 15))
+    valid = cell_targets(tf.constant(share), tf.constant(1.0), lesion_cell_grid((8, 8, 4), "valid")).numpy()
+    assert valid.shape == (3, 3, 1, 2) and list(zip(*np.nonzero(valid[..., 0]))) == [(2, 0, 0)]
+
+
+def test_the_lesion_loss_counts_known_cells_and_weighs_positives():
+    predicted = tf.fill([1, 2, 2, 2, 1], 0.5)
+    target = np.zeros((1, 2, 2, 2, 2), np.float32)
+    target[..., 1] = 1.0
+    negatives_only = float(lesion_cells_loss(tf.constant(target), predicted)[0])
+    assert negatives_only == pytest.approx(np.log(2), rel=1e-5)
+    target[0, 0, 0, 0, 0] = 1.0  # one positive cell of eight weighs POSITIVE_WEIGHT
+    one_positive = float(lesion_cells_loss(tf.constant(target), predicted)[0])
+    assert one_positive == pytest.approx(np.log(2) * (7 + POSITIVE_WEIGHT) / 8, rel=1e-5)
+    target[..., 1] = 0.0  # nothing known: nothing to learn
+    assert float(lesion_cells_loss(tf.constant(target), predicted)[0]) == 0.0
+
+
+@pytest.mark.parametrize("augment", ["rotate", "rotate-mirror-shift"])
+def test_masks_move_with_their_volumes_and_leave_the_volumes_as_they_were(masked, augment):
+    _, cache = masked
+    with CacheReader(cache) as reader:
+        rows = reader.split("train")
+        labels = reader.labels[rows].astype(np.float32)
+        grid = lesion_cell_grid(reader.shape, "same")
+        plain = list(make_training_dataset(reader, rows, labels, 4, seed=3, augment=augment))
+        with_masks = list(make_training_dataset(reader, rows, labels, 4, seed=3, augment=augment,
+                                                lesions=LesionTargets(reader, grid)))
+        plan = list(make_epoch_plan(rows, labels, seed=3, epoch=0, augment=augment, shape=reader.shape))
+        samples = [sample for (_, targets, _) in with_masks for sample in targets["lesion_cells"].numpy()]
+        for (volumes, batch_labels, batch_weights), (masked_volumes, targets, weights) in zip(plain, with_masks):
+            np.testing.assert_array_equal(volumes.numpy(), masked_volumes.numpy())
+            np.testing.assert_array_equal(targets["probability_abnormal"].numpy(), batch_labels.numpy())
+            np.testing.assert_array_equal(weights["lesion_cells"].numpy(), batch_weights.numpy())
+        marked = 0
+        for sample, (row, label, angle, moves) in zip(samples, plan):
+            marks = (reader.read_lesion_mask(int(row)) >= 64).astype(np.float32)  # a quarter of 255, rounded up
+            if augment == "rotate-mirror-shift":
+                marks = move_volume(marks, moves)
+            expected = cell_targets(rotate_volume(marks, angle), tf.constant(1.0), grid).numpy()
+            np.testing.assert_array_equal(sample[..., 0], expected[..., 0])
+            assert sample[..., 1].min() == sample[..., 1].max() == 1.0  # normal, or abnormal with a mask
+            marked += int(sample[..., 0].any())
+        assert marked == int(labels.sum())  # every abnormal training scan's lesion is somewhere in its map
+
+
+def test_no_rotation_loses_a_marked_voxel():
+    for angle in (-20.0, -10.0, -5.0, 5.0, 10.0, 20.0, 33.0, 45.0):
+        for x, y in ((7, 9), (8, 8), (10, 6), (3, 12)):
+            marks = np.zeros((16, 16, 1), np.float32)
+            marks[x, y, 0] = 1.0
+            assert rotate_volume(marks, angle).numpy().max() >= ROTATED_MARK, (angle, x, y)
+
+
+def test_log_names_are_those_every_run_has():
+    assert history_name("probability_abnormal_auc") == "auc"
+    assert history_name("val_probability_abnormal_specificity") == "val_specificity"
+    assert history_name("probability_abnormal_loss") == "label_loss"
+    assert history_name("val_probability_abnormal_loss") == "val_label_loss"
+    assert history_name("lesion_cells_loss") == "lesion_cells_loss" and history_name("loss") == "loss"
