@@ -113,6 +113,12 @@ def test_a_mask_that_does_not_fit_its_scan_fails_that_scan_with_one_line(masked_
     assert [failure.source_path for failure in report.failures] == ["CT-1/study_0006.nii.gz"]
     reason = report.failures[0].reason
     assert "lesion mask study_0006_mask.nii.gz has 48x46x8 voxels, the scan" in reason and "\n" not in reason
+    # a damaged mask file: the reason names the mask, not the scan
+    (raw / "masks" / "study_0005_mask.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    report = build(raw, tmp_path / "out.h5")
+    reasons = {failure.source_path: failure.reason for failure in report.failures}
+    assert reasons["CT-1/study_0005.nii.gz"].startswith("its lesion mask study_0005_mask.nii.gz cannot be used: ")
+    shutil.copy(masked_raw / "masks" / "study_0005_mask.nii.gz", raw / "masks" / "study_0005_mask.nii.gz")
     # fixed, the next build tries that scan again (a failed scan with a mask is not taken as known)
     shutil.copy(masked_raw / "masks" / "study_0006_mask.nii.gz", raw / "masks" / "study_0006_mask.nii.gz")
     report = build(raw, tmp_path / "out.h5")

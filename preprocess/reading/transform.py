@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from preprocess.reading.canonical import ScanError, ScanInfo
-from preprocess.reading.formats import open_any_scan
+from preprocess.reading.formats import describe_scan_failure, open_any_scan
 from preprocess.reading.lungs import CROPS, find_lungs, in_plane_stride, whole_volume
 from preprocess.reading.resize import resize_volume
 from preprocess.reading.scan_stats import StatsAccumulator
@@ -81,7 +81,10 @@ def transform_mask(path: Path, scan_shape: tuple[int, int, int], box, shape: tup
     """A lesion mask (any voxel above 0.5 is lesion) cut to the scan's `box` and resized to `shape`
     as the scan was: uint8, 255 x each voxel's lesion share (area averaging keeps a small lesion's
     share where nearest-neighbour sampling could drop it)."""
-    mask = open_any_scan(Path(path))
+    try:
+        mask = open_any_scan(Path(path))
+    except Exception as error:  # say it is the mask, not the scan, that cannot be used
+        raise ScanError(f"its lesion mask {Path(path).name} cannot be used: {describe_scan_failure(error)}") from None
     if mask.stored.shape != tuple(scan_shape):
         raise ScanError(f"its lesion mask {Path(path).name} has {mask.stored.shape[0]}x{mask.stored.shape[1]}x"
                         f"{mask.stored.shape[2]} voxels, the scan {scan_shape[0]}x{scan_shape[1]}x{scan_shape[2]}")
