@@ -174,7 +174,8 @@ def add_fit_arguments(parser, run_dir_help: str, resume_help: str) -> None:
     model.add_argument("--lesion-weight", type=within(finite_float, 0.0, MAX_LESION_WEIGHT),
                        default=DEFAULTS.lesion_weight, metavar="W",
                        help="the lesion-map model, trained on the cache's lesion masks with their loss weighed W "
-                       f"(default {DEFAULT_LESION_WEIGHT:g} when training scans have masks; 0: the plain classifier)")
+                       f"(default {DEFAULT_LESION_WEIGHT:g} when training scans have masks; 0: the plain "
+                       "classifier)%(default).0s")
     model.add_argument("--bn-momentum", type=within(float, 0.0, 0.999999), default=DEFAULTS.bn_momentum,
                        metavar="M", help="momentum of BatchNorm's moving statistics; from the recipe%(default).0s")
 
