@@ -820,7 +820,7 @@ def reference_document(tmp_path_factory) -> dict:
 
 @fuzz_settings(100)
 @given(data=st.data(), calibration=st.dictionaries(st.sampled_from(
-    ["temperature", "model", "fitted_on", "scans", "nll_before", "nll_after", "at_bound", "other"]), json_values)
+    ["temperature", "model", "fitted_on", "scans", "nll_before", "nll_after", "at_bound", "bias", "other"]), json_values)
     | json_values)
 def test_fuzzed_calibration_and_reference_files_are_read_or_refused_with_one_line(reference_document, tmp_path, data,
                                                                                  calibration):

@@ -256,3 +256,35 @@ def test_a_run_made_before_the_lungs_were_measured_still_reads_and_judges_withou
     (tmp_path / "reference.json").write_text(json.dumps({**document, "geometry": OLD_GEOMETRY[:-1] + ["colour"]}))
     with pytest.raises(UserError, match="made by another version of this tool"):
         read_reference(tmp_path)
+
+
+def test_the_lesion_maps_calibration_fits_a_bias_where_the_validation_split_supports_it(tmp_path):
+    from train.trust.calibration import CALIBRATION, calibrate, read_calibration, write_calibration
+
+    rng = np.random.default_rng(0)
+    classes = np.array([0] * 30 + [1] * 30)
+    logits = np.where(classes == 1, 8.0, 4.0) + rng.normal(0.0, 1.0, 60)  # ranked right, the threshold at 6 not 0
+    assert ((probabilities_from_logits(logits) > 0.5) == classes).mean() == 0.5  # every scan called abnormal
+    calibration = calibrate(logits, classes, "m", "val", fit_bias=True)
+    assert calibration.bias < -2 and calibration.likelihood_ratio > 5.99
+    served = probabilities_from_logits(logits, calibration.temperature, calibration.bias)
+    assert ((served > 0.5) == classes).mean() > 0.9
+    assert calibration.nll_after < calibration.nll_before
+    # every other run: no bias is tried
+    assert calibrate(logits, classes, "m", "val").bias == 0.0
+    # logits already calibrated: the pair does not pass its test, so the bias stays 0
+    z = rng.normal(0.0, 2.0, 60)
+    y = (rng.random(60) < 1.0 / (1.0 + np.exp(-z))).astype(int)
+    plain = calibrate(z, y, "m", "val", fit_bias=True)
+    assert plain.bias == 0.0 and plain.fitted_bias != 0.0
+    # it round-trips; a file from before the bias reads as bias 0; a damaged bias is one line
+    write_calibration(tmp_path, calibration)
+    assert read_calibration(tmp_path) == calibration
+    document = json.loads((tmp_path / CALIBRATION).read_text())
+    for key in ("bias", "fitted_bias"):
+        document.pop(key)
+    (tmp_path / CALIBRATION).write_text(json.dumps(document))
+    assert read_calibration(tmp_path).bias == 0.0
+    (tmp_path / CALIBRATION).write_text(json.dumps({**document, "bias": float("nan")}).replace("NaN", "1e999"))
+    with pytest.raises(UserError, match="damaged \\(bias"):
+        read_calibration(tmp_path)

@@ -248,7 +248,7 @@ def finish_run(run_dir: Path, reader: CacheReader, state: TrainingState, options
     task = task_from_config(config)
     train, val = rows_and_classes(reader, options, task)
     calibration, reference, val_logits = fit_calibration_and_reference(run_dir, model, model_name, reader, task,
-                                                                       train, val)
+                                                                       train, val, bool(options.lesion_weight))
     served = ServedModel(run_dir, config, task, model, calibration, reference)
     if options.fold is None:
         report = evaluate_rows(served, reader, reader.split("test"), task, "test",

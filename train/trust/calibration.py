@@ -12,6 +12,12 @@ moved T to 1.07-1.43 on evidence no test would accept (ratios 0.05-2.3) and made
 worse, not better (docs/trust.md). A model that is really over-confident on a split of that size
 passes the test easily.
 
+The lesion-map model (`fit` with lesion masks) is fitted a bias too, Platt's scaling: p =
+sigmoid(z / T + bias). Its threshold is where its cells' logits ended, which training does not
+place at 0 (docs/benchmarks.md, "Learning where the lesion is"). The pair is kept when the
+likelihood-ratio test of (1, 0) against it, with 2 degrees of freedom (5.99), passes; else the
+temperature alone is tested as above.
+
 ECE is top-label and uses equal-count (quantile) bins: scans are sorted by the confidence of
 their predicted class and dealt into `ece_bins(n)` bins of (nearly) equal size; ECE is the
 scan-weighted mean of |accuracy - mean confidence| over the bins. Equal-count bins, because our
@@ -38,6 +44,8 @@ from common.files import read_json, write_json_atomically
 CALIBRATION = "calibration.json"
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 LIKELIHOOD_RATIO_CRITICAL = 3.841  # chi-squared, 1 degree of freedom, 95%
+LIKELIHOOD_RATIO_CRITICAL_2 = 5.991  # chi-squared, 2 degrees of freedom, 95%: a temperature and a bias
+MAX_BIAS = 100.0  # |bias| in logits; far beyond any threshold a model could need
 MAX_ECE_BINS = 10
 SCANS_PER_ECE_BIN = 10  # fewer bins for small sets: ~10 scans each, at least 1 bin
 EPSILON = 1e-12
@@ -56,6 +64,8 @@ class Calibration:
     at_bound: bool  # the search hit TEMPERATURE_BOUNDS: the validation scans were separated perfectly (or nearly)
     fitted_temperature: float = 1.0  # what the NLL search found
     likelihood_ratio: float = 0.0  # 2 N (NLL(1) - NLL(fitted)); the fitted T is served when it exceeds 3.84
+    bias: float = 0.0  # added to the scaled logit (binary lesion-map runs; 0 for every other run and before)
+    fitted_bias: float = 0.0  # what the two-parameter fit found (0 when none was tried)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -74,6 +84,9 @@ def read_calibration(run_dir: Path) -> Calibration | None:
         raise UserError(f"{path}: not a calibration of this tool") from None
     if not TEMPERATURE_BOUNDS[0] <= temperature <= TEMPERATURE_BOUNDS[1]:
         raise UserError(f"{path}: damaged (temperature {temperature!r} outside {TEMPERATURE_BOUNDS})")
+    if not isinstance(calibration.bias, (int, float)) or isinstance(calibration.bias, bool) \
+            or not abs(calibration.bias) <= MAX_BIAS:
+        raise UserError(f"{path}: damaged (bias {calibration.bias!r} not a number within ±{MAX_BIAS:g})")
     return calibration
 
 
@@ -82,12 +95,13 @@ def write_calibration(run_dir: Path, calibration: Calibration) -> Path:
 
 
 # -- probabilities -------------------------------------------------------------------------------
-def probabilities_from_logits(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """P(abnormal) (N,) from binary logits (N,) or (N, 1); class probabilities (N, C) from (N, C) logits."""
+def probabilities_from_logits(logits: np.ndarray, temperature: float = 1.0, bias: float = 0.0) -> np.ndarray:
+    """P(abnormal) (N,) from binary logits (N,) or (N, 1), sigmoid(z / T + bias); class probabilities
+    (N, C) from (N, C) logits (no bias)."""
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim == 2 and logits.shape[1] == 1:
         logits = logits[:, 0]
-    scaled = logits / temperature
+    scaled = logits / temperature + (bias if logits.ndim == 1 else 0.0)
     if logits.ndim == 1:
         return 0.5 * (1.0 + np.tanh(0.5 * scaled))  # the sigmoid without overflow
     shifted = scaled - scaled.max(axis=1, keepdims=True)
@@ -95,13 +109,14 @@ def probabilities_from_logits(logits: np.ndarray, temperature: float = 1.0) -> n
     return exponentials / exponentials.sum(axis=1, keepdims=True)
 
 
-def negative_log_likelihood(logits: np.ndarray, classes: np.ndarray, temperature: float = 1.0) -> float:
+def negative_log_likelihood(logits: np.ndarray, classes: np.ndarray, temperature: float = 1.0,
+                            bias: float = 0.0) -> float:
     """Mean NLL of the true classes, computed from logits (stable where probabilities round to 0 or 1)."""
     logits = np.asarray(logits, dtype=np.float64)
     classes = np.asarray(classes).astype(int)
     if logits.ndim == 2 and logits.shape[1] == 1:
         logits = logits[:, 0]
-    scaled = logits / temperature
+    scaled = logits / temperature + (bias if logits.ndim == 1 else 0.0)
     if scaled.ndim == 1:
         signed = np.where(classes == 1, scaled, -scaled)
         return float(np.mean(np.logaddexp(0.0, -signed)))
@@ -124,16 +139,38 @@ def fit_temperature(logits: np.ndarray, classes: np.ndarray) -> tuple[float, boo
     return math.exp(log_t), at_bound
 
 
-def calibrate(logits: np.ndarray, classes: np.ndarray, model: str, fitted_on: str) -> Calibration:
-    """Fit T on these (validation) logits and keep it if the likelihood-ratio test supports it (module docstring)."""
+def fit_temperature_and_bias(logits: np.ndarray, classes: np.ndarray) -> tuple[float, float]:
+    """(T, bias) minimising the NLL of `classes` under sigmoid(z / T + bias), within the bounds (binary logits)."""
+    from scipy.optimize import minimize
+
+    low, high = np.log(TEMPERATURE_BOUNDS)
+    result = minimize(lambda point: negative_log_likelihood(logits, classes, math.exp(point[0]), point[1]),
+                      np.zeros(2), method="L-BFGS-B", bounds=[(low, high), (-MAX_BIAS, MAX_BIAS)])
+    return math.exp(float(result.x[0])), float(result.x[1])
+
+
+def calibrate(logits: np.ndarray, classes: np.ndarray, model: str, fitted_on: str,
+              fit_bias: bool = False) -> Calibration:
+    """Fit T on these (validation) logits and keep it if the likelihood-ratio test supports it; with
+    `fit_bias` (binary), first T and a bias, kept if their own test supports them (module docstring)."""
     classes = np.asarray(classes).astype(int)
     fitted, at_bound = fit_temperature(logits, classes)
     before = negative_log_likelihood(logits, classes)
+    if fit_bias:
+        pair_temperature, pair_bias = fit_temperature_and_bias(logits, classes)
+        pair_ratio = 2 * len(classes) * (before - negative_log_likelihood(logits, classes, pair_temperature, pair_bias))
+        if pair_ratio > LIKELIHOOD_RATIO_CRITICAL_2:
+            return Calibration(temperature=pair_temperature, model=model, fitted_on=fitted_on, scans=int(len(classes)),
+                               nll_before=before, nll_after=negative_log_likelihood(logits, classes, pair_temperature,
+                                                                                    pair_bias),
+                               at_bound=at_bound, fitted_temperature=pair_temperature,
+                               likelihood_ratio=float(pair_ratio), bias=pair_bias, fitted_bias=pair_bias)
     ratio = 2 * len(classes) * (before - negative_log_likelihood(logits, classes, fitted))
     served = fitted if ratio > LIKELIHOOD_RATIO_CRITICAL else 1.0
     return Calibration(temperature=served, model=model, fitted_on=fitted_on, scans=int(len(classes)),
                        nll_before=before, nll_after=negative_log_likelihood(logits, classes, served),
-                       at_bound=at_bound, fitted_temperature=fitted, likelihood_ratio=float(ratio))
+                       at_bound=at_bound, fitted_temperature=fitted, likelihood_ratio=float(ratio),
+                       fitted_bias=pair_bias if fit_bias else 0.0)
 
 
 # -- measures ----------------------------------------------------------------------------------

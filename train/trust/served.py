@@ -53,8 +53,13 @@ class ServedModel:
     def outputs_for_rows(self, reader, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return outputs_for_rows(self.model, reader, rows)
 
+    @property
+    def bias(self) -> float:
+        return self.calibration.bias if self.calibration is not None else 0.0
+
     def probabilities(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
-        return probabilities_from_logits(logits, self.temperature if calibrated else 1.0)
+        return probabilities_from_logits(logits, self.temperature if calibrated else 1.0,
+                                         self.bias if calibrated else 0.0)
 
 
 # -- features and logits ---------------------------------------------------------------------------
@@ -96,17 +101,21 @@ def outputs_for_rows(model, reader, rows: np.ndarray, batch_size: int = 2) -> tu
 
 # -- made by fit ------------------------------------------------------------------------------------
 def fit_calibration_and_reference(run_dir: Path, model, model_name: str, reader, task: Task,
-                                  train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray]
-                                  ) -> tuple[Calibration, Reference, np.ndarray]:
+                                  train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
+                                  fit_bias: bool = False) -> tuple[Calibration, Reference, np.ndarray]:
     """calibration.json (the temperature, fitted on the validation rows) and reference.json (from the training
     rows, thresholds on the validation rows) for the run's model `model_name`; `train`, `val`: (rows, classes).
     Also returns the validation rows' logits, which `fit` tests for separation (`train.network.scores`)."""
     (train_rows, train_classes), (val_rows, val_classes) = train, val
     train_features, _ = outputs_for_rows(model, reader, train_rows)
     val_features, val_logits = outputs_for_rows(model, reader, val_rows)
-    calibration = calibrate(val_logits, val_classes, model_name, f"validation rows ({len(val_rows)} scans)")
+    calibration = calibrate(val_logits, val_classes, model_name, f"validation rows ({len(val_rows)} scans)",
+                            fit_bias=fit_bias and task.is_binary)
     temperature, at_bound = calibration.fitted_temperature, calibration.at_bound
-    if calibration.temperature != temperature:
+    if calibration.bias:
+        log.info("calibration: the lesion map's threshold moved by a bias of %.3f with temperature %.3f (likelihood "
+                 "ratio %.1f > 5.99)", calibration.bias, calibration.temperature, calibration.likelihood_ratio)
+    elif calibration.temperature != temperature:
         log.info("calibration: the validation split does not support a temperature other than 1 (fitted %.3f, "
                  "likelihood ratio %.2f < %.2f): the probabilities are served as the network gives them",
                  temperature, calibration.likelihood_ratio, LIKELIHOOD_RATIO_CRITICAL)
