@@ -173,3 +173,23 @@ def test_log_names_are_those_every_run_has():
     assert history_name("probability_abnormal_loss") == "label_loss"
     assert history_name("val_probability_abnormal_loss") == "val_label_loss"
     assert history_name("lesion_cells_loss") == "lesion_cells_loss" and history_name("loss") == "loss"
+
+
+def test_an_unreadable_mask_chunk_stops_fit_with_one_line_naming_the_row(masked, tmp_path, capsys):
+    import h5py
+
+    from train.__main__ import main
+
+    _, source = masked
+    cache = Path(shutil.copy(source, tmp_path / "masked.h5"))
+    with h5py.File(cache, "r") as file:  # the masks are gzip-compressed: a damaged chunk fails to inflate
+        row = int(next(row for row in file["splits/train"][:] if file["lesion_masks/paths"][row]))
+        chunk = file["lesion_masks/volumes"].id.get_chunk_info_by_coord((row, 0, 0, 0))
+    data = bytearray(cache.read_bytes())
+    data[chunk.byte_offset + chunk.size // 2: chunk.byte_offset + chunk.size // 2 + 32] = b"\xff" * 32
+    cache.write_bytes(bytes(data))
+    assert main(["fit", str(cache), "--run-dir", str(tmp_path / "run"), "--epochs", "1", "--padding", "same",
+                 "--precision", "float32", "--quiet"]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"python -m train: error: {cache}: the lesion mask of row {row} "
+                                                   "cannot be read (")

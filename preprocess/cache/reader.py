@@ -7,8 +7,9 @@ import h5py
 import numpy as np
 
 from preprocess.cache.schema import (
-    FORMAT_NAME, MASK_TABLES, MASKS_GROUP, READABLE_SCHEMA_VERSIONS, REQUIRED_ATTRIBUTES, ROW_TABLES, SCHEMA_VERSION, SPLIT_NAMES, STATS_GROUP,
-    STATS_TABLES, CacheError, Failure, LesionMaskRecord, ScanRecord, SplitOptions, stats_tables,
+    FORMAT_NAME, MASK_TABLES, MASKS_GROUP, READABLE_SCHEMA_VERSIONS, REQUIRED_ATTRIBUTES, ROW_TABLES, SCHEMA_VERSION,
+    SPLIT_NAMES, STATS_GROUP, STATS_TABLES, CacheError, Failure, LesionMaskRecord, ScanRecord, SplitOptions,
+    stats_tables,
 )
 from preprocess.preprocessing import Preprocessing, plain_value
 from preprocess.reading.scan_stats import ScanStats
@@ -58,8 +59,8 @@ class CacheReader:
         if missing_attrs:
             raise CacheError(f"{self.path}: damaged cache, missing attributes {', '.join(missing_attrs)}")
         required = ["volumes", *ROW_TABLES, *(f"splits/{name}" for name in SPLIT_NAMES)]
-        required += [f"{STATS_GROUP}/{name}" for name in stats_tables(version)]
-        required += [f"{MASKS_GROUP}/{name}" for name in MASK_TABLES] if version >= 4 else []
+        masks = [f"{MASKS_GROUP}/{name}" for name in MASK_TABLES] if version >= 4 else []
+        required += [f"{STATS_GROUP}/{name}" for name in stats_tables(version)] + masks
         missing = [name for name in required if name not in self.file]
         if missing:
             raise CacheError(f"{self.path}: damaged cache, missing {', '.join(missing)}")
@@ -69,7 +70,6 @@ class CacheReader:
         if volumes.dtype != np.float32 or volumes.shape[1:] != shape:
             raise CacheError(f"{self.path}: damaged cache, /volumes is {volumes.dtype} {volumes.shape}, "
                              f"expected float32 (N, {', '.join(map(str, shape))})")
-        masks = [f"{MASKS_GROUP}/{name}" for name in MASK_TABLES] if version >= 4 else []
         for name in [*ROW_TABLES, *(f"{STATS_GROUP}/{name}" for name in stats_tables(version)), *masks]:
             if self.file[name].shape[0] != rows:
                 raise CacheError(f"{self.path}: damaged cache, /{name} has {self.file[name].shape[0]} rows, "

@@ -82,9 +82,7 @@ def build_cache(options: BuildOptions) -> BuildReport:
     previous = open_previous(options)
     try:
         report = _build(options, preprocessing, sources, refused, previous, labels_sha256)
-        with CacheReader(report.out) as cache:
-            masks = int(cache.lesion_mask_rows.sum())
-        return replace(report, unlisted=unlisted, masks=masks)
+        return replace(report, unlisted=unlisted)
     finally:
         if previous is not None:
             previous.close()
@@ -133,7 +131,8 @@ def _build(options, preprocessing, sources, refused, previous, labels_sha256) ->
     if previous is not None and not to_process and _same_contents(previous, plan, refused_failures, options) \
             and previous.fingerprint == _fingerprint_of(preprocessing, plan, reusable_rows, labels_sha256):
         log.info("%s is up to date (%d scans, %d failed)", options.out, len(previous), len(previous.failures()))
-        return BuildReport(Path(options.out), True, len(previous), 0, len(previous), previous.failures())
+        return BuildReport(Path(options.out), True, len(previous), 0, len(previous), previous.failures(),
+                           masks=int(previous.lesion_mask_rows.sum()))
     for failure in refused_failures:
         log.warning("skipped %s: %s", failure.source_path, failure.reason)
 
@@ -186,7 +185,8 @@ def _build(options, preprocessing, sources, refused, previous, labels_sha256) ->
             previous.close()
         failures.sort(key=lambda failure: failure.source_path)
         writer.commit(splits, failures)
-    report = BuildReport(Path(options.out), False, len(writer.records), reprocessed, reused, failures)
+    report = BuildReport(Path(options.out), False, len(writer.records), reprocessed, reused, failures,
+                         masks=sum(record.lesion_mask is not None for record in writer.records))
     log.info(
         "cached %d scans (%d preprocessed, %d reused from the previous cache), %d failed -> %s",
         report.cached, report.reprocessed, report.reused, len(report.failures), report.out,

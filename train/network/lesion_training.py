@@ -5,11 +5,10 @@ What they mean, and when `fit` uses them, is `train.network.lesions`.
 from __future__ import annotations
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from train.network.lesions import (
-    LESION_OUTPUT, LESION_SHARE, POSITIVE_WEIGHT, PROBABILITY_OUTPUT, history_name, masks_known,
+    LESION_OUTPUT, POSITIVE_WEIGHT, PROBABILITY_OUTPUT, history_name, masks_known,
 )
 
 # A mark rotated with bilinear interpolation keeps about a quarter of its weight or more at the output
@@ -32,7 +31,7 @@ def lesion_cells_loss(truth, predicted):
 
 
 def cell_targets(marks: tf.Tensor, known: tf.Tensor, grid: tuple[int, int, tuple[int, int, int]]) -> tf.Tensor:
-    """(h, w, d, 2) targets from (H, W, D) lesion marks (`LesionTargets.load_marks`, then moved and
+    """(h, w, d, 2) targets from (H, W, D) lesion marks (`train.pipeline.data.make_marks_loader`, then moved and
     rotated as the volume was) on the model's lesion-cell `grid`
     (`train.network.architecture.lesion_cell_grid`) and the scan's `known` (0 or 1). A cell is a
     lesion cell when a voxel of it holds at least `ROTATED_MARK` of a mark."""
@@ -45,25 +44,13 @@ def cell_targets(marks: tf.Tensor, known: tf.Tensor, grid: tuple[int, int, tuple
 
 
 class LesionTargets:
-    """What the pipelines need to give the lesion-map model its targets: the cache, each row's
-    `masks_known`, and the model's cell grid (`train.network.architecture.lesion_cell_grid`)."""
+    """What the pipelines need to give the lesion-map model its targets: each row's `masks_known`, and
+    the model's cell grid (`train.network.architecture.lesion_cell_grid`). The marks themselves are
+    read by `train.pipeline.data.make_marks_loader`."""
 
     def __init__(self, reader, grid: tuple[int, int, tuple[int, int, int]]):
-        self.reader, self.grid = reader, grid
+        self.grid = grid
         self.known = tf.constant(masks_known(reader.labels, reader.lesion_mask_rows))
-
-    def load_marks(self, row: tf.Tensor) -> tf.Tensor:
-        """float32 (H, W, D): 1 where the row's cached voxel is at least `LESION_SHARE` lesion, else 0
-        (all 0 for a row without a mask). Marked before any rotation: a rotation's interpolation
-        would spread a small lesion's shares below the threshold and lose it."""
-        threshold = np.uint8(np.ceil(LESION_SHARE * 255))
-
-        def read(row: np.int64) -> np.ndarray:
-            return (self.reader.read_lesion_mask(int(row)) >= threshold).astype(np.float32)
-
-        marks = tf.numpy_function(read, [row], tf.float32, stateful=False, name="read_lesion_mask")
-        marks.set_shape(self.reader.shape)
-        return marks
 
     def targets(self, row: tf.Tensor, label: tf.Tensor, marks: tf.Tensor) -> dict:
         return {PROBABILITY_OUTPUT: label, LESION_OUTPUT: cell_targets(marks, tf.gather(self.known, row), self.grid)}

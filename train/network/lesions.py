@@ -38,6 +38,13 @@ def masks_known(labels: np.ndarray, has_mask: np.ndarray) -> np.ndarray:
     return ((np.asarray(labels) == 0) | np.asarray(has_mask, bool)).astype(np.float32)
 
 
+def lesion_marks(mask: np.ndarray) -> np.ndarray:
+    """float32: 1 where a cached mask's voxel (uint8, 255 x its lesion share) is at least `LESION_SHARE`
+    lesion, else 0. Marked before any rotation: a rotation's interpolation would spread a small
+    lesion's shares below the threshold and lose it."""
+    return (mask >= np.uint8(np.ceil(LESION_SHARE * 255))).astype(np.float32)
+
+
 def resolve_lesion_weight(requested: float | None, masked_training_rows: int, task_is_binary: bool) -> float:
     """The lesion-cell loss's weight for this run: --lesion-weight, or by default
     `DEFAULT_LESION_WEIGHT` when training rows have masks (0, the plain classifier, when none do)."""

@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from common.errors import UserError
 from preprocess.cache import CacheError, CacheReader
-from train.network.lesions import LESION_OUTPUT, PROBABILITY_OUTPUT
+from train.network.lesions import LESION_OUTPUT, PROBABILITY_OUTPUT, lesion_marks
 from train.pipeline.augment import draw_moves, draw_rotation_angles, move_volume, rotate_volume
 
 log = logging.getLogger(__name__)
@@ -83,24 +83,34 @@ def reporting_read_failures() -> Iterator[None]:
     raise CacheError(reason)
 
 
-def make_volume_loader(reader: CacheReader):
-    """A graph function row -> float32 (H, W, D) volume that reads and checks one chunk of the cache."""
-    shape = reader.shape
-
-    def read(row: np.int64) -> np.ndarray:
+def graph_reader(read, shape: tuple[int, ...], name: str):
+    """A graph function row -> float32 array of `shape`, from `read(row)` in Python; a read's CacheError
+    travels between READ_FAILURE separators, so `reporting_read_failures` gives it as its one line."""
+    def guarded(row: np.int64) -> np.ndarray:
         try:
-            return read_checked_volume(reader, int(row))
+            return read(int(row))
         except CacheError as error:
             raise VolumeReadError(f"{READ_FAILURE}{error}{READ_FAILURE}") from None
 
     def load(row: tf.Tensor) -> tf.Tensor:
-        # stateful=False: the same row always gives the same volume, so tf.data may run reads in
+        # stateful=False: the same row always gives the same array, so tf.data may run reads in
         # parallel under op determinism (h5py serialises the actual reads with its own lock)
-        volume = tf.numpy_function(read, [row], tf.float32, stateful=False, name="read_volume")
-        volume.set_shape(shape)
-        return volume
+        value = tf.numpy_function(guarded, [row], tf.float32, stateful=False, name=name)
+        value.set_shape(shape)
+        return value
 
     return load
+
+
+def make_volume_loader(reader: CacheReader):
+    """A graph function row -> float32 (H, W, D) volume that reads and checks one chunk of the cache."""
+    return graph_reader(lambda row: read_checked_volume(reader, row), reader.shape, "read_volume")
+
+
+def make_marks_loader(reader: CacheReader):
+    """A graph function row -> float32 (H, W, D) lesion marks (`train.network.lesions.lesion_marks`) of
+    the row's cached mask: one chunk, zeros for a row without a mask."""
+    return graph_reader(lambda row: lesion_marks(reader.read_lesion_mask(row)), reader.shape, "read_lesion_mask")
 
 
 @dataclass(frozen=True)
@@ -206,7 +216,7 @@ def make_training_dataset(reader: CacheReader, rows: np.ndarray, labels: np.ndar
     if len(rows) == 0:
         raise UserError("the training split is empty")
     shard = shard or Shard(batch_size)
-    load_volume = make_volume_loader(reader)
+    load_volume, load_marks = make_volume_loader(reader), make_marks_loader(reader)
 
     def load(row, label, angle, moves, weight):
         volume = load_volume(row)
@@ -219,7 +229,7 @@ def make_training_dataset(reader: CacheReader, rows: np.ndarray, labels: np.ndar
         return volume[..., tf.newaxis], label, weight
 
     def load_with_mask(volume, row, label, angle, moves, weight):
-        marks = lesions.load_marks(row)
+        marks = load_marks(row)
         if augment == "rotate-mirror-shift":
             volume, marks = move_volume(volume, moves), move_volume(marks, moves)
         if augment:  # one rotation of both, stacked along the slices it turns alike
@@ -242,13 +252,13 @@ def make_validation_dataset(reader: CacheReader, rows: np.ndarray, labels: np.nd
     if len(rows) == 0:
         raise UserError("the validation split is empty")
     shard = shard or Shard(batch_size)
-    load_volume = make_volume_loader(reader)
+    load_volume, load_marks = make_volume_loader(reader), make_marks_loader(reader)
     plan = shard_plan(*plan_epoch(rows, labels, seed=0, epoch=0, augment=None, shuffle=False), shard)
 
     def load(row, label, angle, moves, weight):
         if lesions is None:
             return load_volume(row)[..., tf.newaxis], label, weight
-        return (load_volume(row)[..., tf.newaxis], lesions.targets(row, label, lesions.load_marks(row)),
+        return (load_volume(row)[..., tf.newaxis], lesions.targets(row, label, load_marks(row)),
                 both_outputs(weight))
 
     return (
