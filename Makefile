@@ -35,10 +35,10 @@ $(STAMP): pyproject.toml
 # did and still called the four unseen phantoms right in each of 3 seeds (benchmarks/bench_demo.py,
 # docs/performance.md, which also says what the narrower network loses). --masks: synth writes each
 # abnormal phantom's lesion mask, `build` caches it, and `fit` trains the lesion-map model, which
-# calls a scan from where it finds lesion, its threshold fitted on the validation phantoms
-# (docs/training.md, "Lesion masks"); it is the configuration that called the four unseen phantoms
-# right in each of 5 seeds (docs/benchmarks.md, "Learning where the lesion is"). --pooling avgmax
-# is recorded but unused by that model.
+# calls a scan from where it finds lesion (at its own peak rate, 1e-3), its threshold fitted on the
+# validation phantoms (docs/training.md, "Lesion masks"); it is the configuration that called the
+# four unseen phantoms right in each of 5 seeds (docs/benchmarks.md, "The lesion map's rate").
+# --pooling avgmax is recorded but unused by that model.
 demo: $(STAMP)
 	rm -rf $(DEMO_RAW)  # synth refuses a folder holding another archive (an older demo's 120 phantoms)
 	$(BIN)/python -m preprocess synth --out $(DEMO_RAW) --normal 180 --abnormal 180 --size 128 --masks

@@ -17,7 +17,9 @@ the default recipe. Arms (each a lever alone, then together):
     crop-b8-masks: crop-b8 on a cache with the phantoms' lesion masks (`synth --masks`, found by
     `build`), so `fit` trains the lesion-map model by default (docs/training.md, "Lesion masks");
     crop-b8-masks25: the same with masks for only every fourth abnormal scan (as MosMedData has masks
-    for some of its CT-1 scans); every other arm's cache is built `--no-masks`
+    for some of its CT-1 scans); crop-b8-masks-lr1e-3 and -lr3e-4: crop-b8-masks at a named peak rate
+    (a lesion-map run's default is 1e-3, the default recipe's 3e-4); every other arm's cache is built
+    `--no-masks`
 
 Sets: `84` (120 phantoms: 84 train, 18 val, 18 test) and `252` (360 phantoms), synth seed 301.
 For every run it prints the first epoch whose validation AUC reached 0.95 (history.csv; "-" if
@@ -74,8 +76,10 @@ ARMS = {  # name: (build --crop, fit --batch-size, more fit flags[, build --hu-w
     "crop-b8-fp32": ("lungs", 8, ["--precision", "float32"]),
     "crop-b8-masks": ("lungs", 8, []),
     "crop-b8-masks25": ("lungs", 8, []),
+    "crop-b8-masks-lr1e-3": ("lungs", 8, ["--lr", "1e-3"]),  # the lesion map's default rate since it was measured
+    "crop-b8-masks-lr3e-4": ("lungs", 8, ["--lr", "3e-4"]),  # the default recipe's rate, the lesion map's before
 }
-MASK_ARMS = {"crop-b8-masks": 1, "crop-b8-masks25": 4}  # their caches hold the masks of every Nth abnormal scan
+MASK_ARMS = {"crop-b8-masks": 1, "crop-b8-masks25": 4, "crop-b8-masks-lr1e-3": 1, "crop-b8-masks-lr3e-4": 1}  # their caches hold the masks of every Nth abnormal scan
 BANDS = ((0.001, 0.01), (0.01, 0.05), (0.05, 0.25))
 BAND_SET = (303, ("0.1", "25"))  # synth seed and --involvement of the phantoms the bands are measured on
 

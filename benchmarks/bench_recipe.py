@@ -5,6 +5,8 @@ Synthetic sets the demo and the tests never use (their own phantom seeds), 64 x 
   standard      `synth` phantoms, normal against ungraded lesions: 360 phantoms (252 training,
                 54 validation, 54 test), 20 epochs
   standard-30   the standard set's phantoms and cache, 30 epochs: as long as the issue's test AUC target
+  standard-masks  the standard set's phantoms with their lesion masks (`synth --masks`), 20 epochs: `fit`
+                trains the lesion-map model on them by default
   standard-120  the same kind, 120 phantoms (84 / 18 / 18), 30 epochs: the first benchmark's set,
                 kept to compare with; too few phantoms to learn the lesions from, and too few
                 held out to measure an AUC near 1 (one scan moves it by 0.01-0.05)
@@ -24,7 +26,7 @@ stop, so every run has the same number of validation epochs). For each arm and s
 Runs are kept in --out, and a run already finished there is read, not repeated: an interrupted
 benchmark continues where it stopped, and more seeds or arms can be added later.
 
-    python benchmarks/bench_recipe.py [--seeds 5] [--first-seed 0] [--arms tutorial precise ...] [--sets standard subtle standard-30 standard-120 subtle-120]
+    python benchmarks/bench_recipe.py [--seeds 5] [--first-seed 0] [--arms tutorial precise ...] [--sets standard subtle standard-30 standard-masks standard-120 subtle-120]
 """
 from __future__ import annotations
 
@@ -81,6 +83,13 @@ def check_arm(run_dir: Path, flags: list[str]) -> None:
     two models every run keeps, and `train` re-selects (a resume that trains nothing)."""
     recorded = json.loads((run_dir / "config.json").read_text())["options"]
     wanted = {name: value for name, value in recipe_choices(flags).items() if name != "keep"}
+    if recorded.get("lesion_weight"):  # a lesion-map run (a set with masks): its own defaults (train/fit.py)
+        from train.network.lesions import LESION_MAP_LEARNING_RATE, LESION_MAP_PRECISE_BN_SCANS
+
+        if "--precise-bn-scans" not in flags:
+            wanted["precise_bn_scans"] = LESION_MAP_PRECISE_BN_SCANS
+        if "--lr" not in flags:
+            wanted["learning_rate"] = LESION_MAP_LEARNING_RATE
     differing = {name: (recorded.get(name), value) for name, value in wanted.items()
                  if recorded.get(name) != value and not (name == "precision" and value == "auto")}
     if differing:

@@ -21,6 +21,9 @@ SETS = {  # name: (synth flags, phantoms, epochs)
     "subtle-120": (["--grades", "1", "--seed", "102"], 120, 30),  # the first benchmark's size
 }
 SETS["standard-30"] = (*SETS["standard"][:2], 30)  # the standard set trained as long as the target
+# the standard set's phantoms with their lesion masks (`synth --masks` draws the same volumes), so `fit`
+# trains the lesion-map model by default (docs/training.md, "Lesion masks")
+SETS["standard-masks"] = (["--seed", "101", "--masks"], 360, 20)
 SHARED_CACHES = {"standard-30": "standard"}  # a set trained longer on another's phantoms and cache
 
 

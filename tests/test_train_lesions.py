@@ -54,6 +54,7 @@ def test_a_cache_with_masks_trains_the_lesion_map_model_and_the_run_serves_one_o
     config = json.loads((run_dir / "config.json").read_text())
     assert config["options"]["lesion_weight"] == 20.0
     assert config["options"]["precise_bn_scans"] == 0  # the lesion map's default, not the recipe's 32
+    assert config["options"]["learning_rate"] == 1e-3  # the lesion map's default, not the recipe's 3e-4
     history = read_history(run_dir / "history.csv")
     assert len(history) == 2
     for name in ("auc", "val_auc", "accuracy", "label_loss", "val_label_loss", "lesion_cells_loss", "loss"):
@@ -65,8 +66,9 @@ def test_a_cache_with_masks_trains_the_lesion_map_model_and_the_run_serves_one_o
     assert "global_pool" not in [layer.name for layer in saved.layers]  # the later blocks are not built
     served = load_run_model(run_dir)
     assert served.output.shape == (None, 1)
-    results = predict_scans(run_dir, [raw / "CT-1" / "study_0008.nii.gz"])
+    results = predict_scans(run_dir, [raw / "CT-1" / "study_0008.nii.gz"], explain_dir=tmp_path / "explained")
     assert results[0].probability_abnormal is not None
+    assert (tmp_path / "explained" / "study_0008_gradcam.png").stat().st_size > 0  # explained from the call's logit
     # a resume reloads the two-output model with its loss (registered, safe mode) and trains on
     fit_model(options(cache, run_dir, epochs=3, resume=True))
     assert len(read_history(run_dir / "history.csv")) == 3
@@ -77,17 +79,19 @@ def test_lesion_weight_0_trains_the_plain_classifier_on_the_same_cache(masked, t
     _, cache = masked
     run_dir = tmp_path / "plain"
     fit_model(options(cache, run_dir, epochs=1, lesion_weight=0.0))
-    assert json.loads((run_dir / "config.json").read_text())["options"]["precise_bn_scans"] == 32  # the recipe's
+    recorded = json.loads((run_dir / "config.json").read_text())["options"]
+    assert (recorded["precise_bn_scans"], recorded["learning_rate"]) == (32, 3e-4)  # the recipe's
     saved = keras.saving.load_model(model_path(run_dir), compile=False)
     assert not isinstance(saved.output, dict) and "global_pool" in [layer.name for layer in saved.layers]
     assert "label_loss" not in read_history(run_dir / "history.csv")[0]
 
 
-def test_an_explicit_precise_bn_is_kept_for_the_lesion_map(masked, tmp_path):
+def test_an_explicit_precise_bn_or_rate_is_kept_for_the_lesion_map(masked, tmp_path):
     _, cache = masked
-    fit_model(options(cache, tmp_path / "run", epochs=1, precise_bn_scans=4))
+    fit_model(options(cache, tmp_path / "run", epochs=1, precise_bn_scans=4, learning_rate=2e-4))
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())["options"]
-    assert recorded["precise_bn_scans"] == 4 and recorded["lesion_weight"] == 20.0
+    assert recorded["precise_bn_scans"] == 4 and recorded["learning_rate"] == 2e-4
+    assert recorded["lesion_weight"] == 20.0
 
 
 def test_a_lesion_weight_without_masks_or_for_grades_is_one_line(masked, tiny_cache, tmp_path):
@@ -193,3 +197,43 @@ def test_an_unreadable_mask_chunk_stops_fit_with_one_line_naming_the_row(masked,
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"python -m train: error: {cache}: the lesion mask of row {row} "
                                                    "cannot be read (")
+
+
+def test_the_call_learns_rate_times_as_fast_as_a_dense_and_gives_its_logit_as_a_dense_does(tmp_path):
+    """TopLogitCall stores slope and offset divided by its rate, so one Adam step moves the effective
+    pair `rate` times as far as a Dense's (Adam's step is the rate whatever the gradient's size); its
+    `kernel` and `bias` are that pair, from which calibration recomputes the logit; it saves and loads."""
+    from train.network.model import TopLogitCall
+    from train.trust.served import logits_of
+
+    tops = np.array([[-1.0], [0.5], [2.0], [3.0]], np.float32)
+    labels = np.array([[0.0], [0.0], [1.0], [1.0]], np.float32)
+    moved = {}
+    for rate in (1.0, 50.0):
+        inputs = keras.Input((1,))
+        model = keras.Model(inputs, TopLogitCall(rate, initial_offset=-0.5, name="probability_abnormal")(inputs))
+        layer = model.layers[-1]
+        assert float(layer.kernel[0, 0]) == pytest.approx(1.0) and float(layer.bias[0]) == pytest.approx(-0.5)
+        np.testing.assert_allclose(model(tops).numpy(), 1 / (1 + np.exp(-(tops - 0.5))), rtol=1e-6)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+        model.train_on_batch(tops, labels)
+        moved[rate] = (float(layer.kernel[0, 0]) - 1.0, float(layer.bias[0]) + 0.5)
+        logits = logits_of(model, tops)
+        np.testing.assert_allclose(1 / (1 + np.exp(-logits)), model(tops).numpy(), rtol=1e-5)
+    for slow, fast in zip(moved[1.0], moved[50.0]):
+        assert abs(slow) == pytest.approx(1e-3, rel=0.01) and fast == pytest.approx(50 * slow, rel=0.01)
+    model.save(tmp_path / "call.keras")
+    loaded = keras.saving.load_model(tmp_path / "call.keras")
+    assert loaded.layers[-1].rate == 50.0
+    np.testing.assert_allclose(loaded(tops).numpy(), model(tops).numpy(), rtol=1e-6)
+
+
+def test_a_negative_slope_is_held_at_zero():
+    from train.network.model import TopLogitCall
+
+    inputs = keras.Input((1,))
+    model = keras.Model(inputs, TopLogitCall(100.0)(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(10.0), loss="binary_crossentropy")
+    # labels against the input: the gradient pushes the slope below zero, the constraint holds it there
+    model.train_on_batch(np.array([[5.0], [-5.0]], np.float32), np.array([[0.0], [1.0]], np.float32))
+    assert float(model.layers[-1].kernel[0, 0]) == 0.0

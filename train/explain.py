@@ -22,6 +22,7 @@ from preprocess.montage import save_montage
 from preprocess.reading.lungs import describe_region as lung_region
 from preprocess.reading.resize import resize_volume
 from preprocess.reading.scan_stats import ScanStats
+from train.network.model import TopLogitCall
 
 
 def find_last_convolution(model: keras.Model) -> keras.layers.Layer:
@@ -32,11 +33,12 @@ def find_last_convolution(model: keras.Model) -> keras.layers.Layer:
     raise ValueError(f"model {model.name!r} has no Conv3D layer to explain")
 
 
-def logit_layer(model: keras.Model) -> keras.layers.Dense | None:
-    """The output Dense layer if it ends in a sigmoid or softmax whose logit we can recompute, else None."""
+def logit_layer(model: keras.Model) -> keras.layers.Layer | None:
+    """The output layer (a Dense, or the lesion map's `TopLogitCall`) if it ends in a sigmoid or softmax
+    whose logit we can recompute from its kernel and bias, else None."""
     layer = model.layers[-1]
     activation = getattr(layer, "activation", None)
-    if isinstance(layer, keras.layers.Dense) and activation in (keras.activations.sigmoid, keras.activations.softmax):
+    if isinstance(layer, (keras.layers.Dense, TopLogitCall)) and activation in (keras.activations.sigmoid, keras.activations.softmax):
         return layer
     return None
 

@@ -10,6 +10,54 @@ from train.network.architecture import (
 from train.network.lesions import LESION_OUTPUT, PROBABILITY_OUTPUT
 
 GROUPS = 8  # GroupNorm's groups (Wu and He's 32 is for 2D networks with many more channels)
+# How much faster the lesion map's call (`TopLogitCall`) learns than the rest of the network. It
+# starts at (1, 0): starting its offset at -log(POSITIVE_WEIGHT), where class weighting lifts the
+# cells' logits, fixed the demo's first epochs but cost the 0.1-1% lesions (docs/benchmarks.md,
+# "The lesion map's threshold during training").
+CALL_RATE = 20.0
+
+
+@keras.saving.register_keras_serializable(package="mosmed3d", name="TopLogitCall")
+class TopLogitCall(layers.Layer):
+    """P(abnormal) = sigmoid(slope * top + offset) from the lesion map's largest cell logit `top` (B, 1),
+    with slope >= 0 (from 1) and offset from `initial_offset`.
+
+    Both are stored divided by `rate`, so Adam, whose step is the learning rate whatever the
+    gradient's size, moves them `rate` times as fast as a plain Dense would. A Dense's bias moves a
+    few tenths in a run while the cells' logits drift by units, so its 0.5 was left where training
+    began (every demo scan called abnormal). `kernel` and `bias` give the effective pair, as a
+    Dense's, so everything that recomputes the logit from the last layer (calibration, Grad-CAM) reads it.
+    """
+
+    def __init__(self, rate: float = CALL_RATE, initial_offset: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = float(rate)
+        self.initial_offset = float(initial_offset)
+        self.activation = keras.activations.sigmoid
+
+    def build(self, input_shape):
+        self.slope = self.add_weight(name="slope", shape=(1, 1), dtype="float32",
+                                     initializer=keras.initializers.Constant(1.0 / self.rate),
+                                     constraint=keras.constraints.NonNeg())
+        self.offset = self.add_weight(name="offset", shape=(1,), dtype="float32",
+                                      initializer=keras.initializers.Constant(self.initial_offset / self.rate))
+
+    @property
+    def kernel(self):
+        return self.slope * self.rate
+
+    @property
+    def bias(self):
+        return self.offset * self.rate
+
+    def call(self, top):
+        return keras.ops.sigmoid(keras.ops.matmul(keras.ops.cast(top, "float32"), self.kernel) + self.bias)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], 1)
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "initial_offset": self.initial_offset}
 
 
 def build_model(input_shape: tuple[int, int, int], padding: str = "valid", precision: str = "float32",
@@ -32,7 +80,8 @@ def build_model(input_shape: tuple[int, int, int], padding: str = "valid", preci
     `LESION_BLOCK` blocks: a 3 x 3 x 3 convolution, then a 1 x 1 x 1 one giving each cell of that
     block's grid a lesion logit. The model has two outputs, `lesion_cells` (each cell's
     P(lesion), trained against the masks) and `probability_abnormal`, an affine function of the
-    most lesion-like cell's logit (its slope never negative) through a sigmoid: the scan is
+    most lesion-like cell's logit (its slope never negative, both learned `CALL_RATE` times as fast as the
+    rest: `TopLogitCall`) through a sigmoid: the scan is
     called from its lesion map, so a lesion of a few voxels is not averaged away by global
     pooling. The later blocks are not built.
     """
@@ -58,10 +107,9 @@ def build_model(input_shape: tuple[int, int, int], padding: str = "valid", preci
         logits = layers.Conv3D(1, 1, dtype="float32", name="lesion_logits")(features)
         cells = layers.Activation("sigmoid", dtype="float32", name=LESION_OUTPUT)(logits)
         top = layers.GlobalMaxPooling3D(dtype="float32", name="lesion_top")(logits)
-        # increasing in the top cell's logit, from the identity: a free sign would be a coin flip of the
+        # increasing in the top cell's logit (slope from 1): a free sign would be a coin flip of the
         # initialisation, and a negative one sets the label's loss against the masks'
-        probability = layers.Dense(1, activation="sigmoid", dtype="float32", name=PROBABILITY_OUTPUT,
-                                   kernel_initializer="ones", kernel_constraint="non_neg")(top)
+        probability = TopLogitCall(CALL_RATE, dtype="float32", name=PROBABILITY_OUTPUT)(top)
         return keras.Model(inputs, {PROBABILITY_OUTPUT: probability, LESION_OUTPUT: cells}, name=name)
     if pooling == "avg":
         features = layers.GlobalAveragePooling3D(dtype=precision, name="global_pool")(features)

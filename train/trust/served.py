@@ -74,7 +74,13 @@ def _head(model):
 
 
 def logits_of(model, features: np.ndarray) -> np.ndarray:
-    kernel, bias = (np.asarray(weight, dtype=np.float64) for weight in model.layers[-1].get_weights())
+    """The output layer's logits of its input `features`: a Dense's, or the lesion map's call
+    (`train.network.model.TopLogitCall`), which gives its effective kernel and bias the same way."""
+    import keras
+
+    layer = model.layers[-1]
+    kernel, bias = (np.asarray(keras.ops.convert_to_numpy(weight), dtype=np.float64)
+                    for weight in (layer.kernel, layer.bias))
     return np.asarray(features, dtype=np.float64) @ kernel + bias
 
 
