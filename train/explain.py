@@ -38,7 +38,8 @@ def logit_layer(model: keras.Model) -> keras.layers.Layer | None:
     whose logit we can recompute from its kernel and bias, else None."""
     layer = model.layers[-1]
     activation = getattr(layer, "activation", None)
-    if isinstance(layer, (keras.layers.Dense, TopLogitCall)) and activation in (keras.activations.sigmoid, keras.activations.softmax):
+    if isinstance(layer, (keras.layers.Dense, TopLogitCall)) and activation in (keras.activations.sigmoid,
+                                                                                keras.activations.softmax):
         return layer
     return None
 
