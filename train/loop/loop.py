@@ -13,7 +13,7 @@ import tensorflow as tf
 from common.errors import UserError
 from preprocess.cache import CacheReader
 from train.pipeline.data import (
-    Shard, make_evaluation_dataset, make_training_dataset, make_validation_dataset, reporting_read_failures,
+    Shard, both_outputs, make_evaluation_dataset, make_training_dataset, make_validation_dataset, reporting_read_failures,
     sample_weights_of, steps_per_epoch,
 )
 from train.loop.events import ScalarEventLogger
@@ -125,7 +125,7 @@ def build_before_fit(model: keras.Model, strategy, input_shape, task: Task, lesi
     if lesions is not None:
         cells = tf.TensorSpec([None, *lesions.grid[2], 2], tf.float32)
         target = {PROBABILITY_OUTPUT: target, LESION_OUTPUT: cells}
-        weight = {PROBABILITY_OUTPUT: weight, LESION_OUTPUT: weight}
+        weight = both_outputs(weight)
     batch = (tf.TensorSpec([None, *input_shape, 1], tf.float32), target, weight)
     with strategy.scope():
         model._symbolic_build(data_batch=batch)

@@ -156,21 +156,19 @@ def calibrate(logits: np.ndarray, classes: np.ndarray, model: str, fitted_on: st
     classes = np.asarray(classes).astype(int)
     fitted, at_bound = fit_temperature(logits, classes)
     before = negative_log_likelihood(logits, classes)
+    pair_bias = 0.0
     if fit_bias:
         pair_temperature, pair_bias = fit_temperature_and_bias(logits, classes)
         pair_ratio = 2 * len(classes) * (before - negative_log_likelihood(logits, classes, pair_temperature, pair_bias))
-        if pair_ratio > LIKELIHOOD_RATIO_CRITICAL_2:
-            return Calibration(temperature=pair_temperature, model=model, fitted_on=fitted_on, scans=int(len(classes)),
-                               nll_before=before, nll_after=negative_log_likelihood(logits, classes, pair_temperature,
-                                                                                    pair_bias),
-                               at_bound=at_bound, fitted_temperature=pair_temperature,
-                               likelihood_ratio=float(pair_ratio), bias=pair_bias, fitted_bias=pair_bias)
-    ratio = 2 * len(classes) * (before - negative_log_likelihood(logits, classes, fitted))
-    served = fitted if ratio > LIKELIHOOD_RATIO_CRITICAL else 1.0
+    if fit_bias and pair_ratio > LIKELIHOOD_RATIO_CRITICAL_2:
+        served, bias, fitted, ratio = pair_temperature, pair_bias, pair_temperature, pair_ratio
+    else:
+        ratio = 2 * len(classes) * (before - negative_log_likelihood(logits, classes, fitted))
+        served, bias = (fitted if ratio > LIKELIHOOD_RATIO_CRITICAL else 1.0), 0.0
     return Calibration(temperature=served, model=model, fitted_on=fitted_on, scans=int(len(classes)),
-                       nll_before=before, nll_after=negative_log_likelihood(logits, classes, served),
+                       nll_before=before, nll_after=negative_log_likelihood(logits, classes, served, bias),
                        at_bound=at_bound, fitted_temperature=fitted, likelihood_ratio=float(ratio),
-                       fitted_bias=pair_bias if fit_bias else 0.0)
+                       bias=bias, fitted_bias=pair_bias)
 
 
 # -- measures ----------------------------------------------------------------------------------

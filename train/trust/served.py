@@ -23,7 +23,7 @@ from common.files import read_json
 from train.network.tasks import Task, task_from_config
 from train.rundir.layout import CV_SUMMARY, METRICS, fold_dir, fold_dirs, model_path, open_run
 from train.trust.calibration import (
-    LIKELIHOOD_RATIO_CRITICAL, Calibration, calibrate, probabilities_from_logits, read_calibration, write_calibration,
+    LIKELIHOOD_RATIO_CRITICAL, LIKELIHOOD_RATIO_CRITICAL_2, Calibration, calibrate, probabilities_from_logits, read_calibration, write_calibration,
 )
 from train.trust.ood import Reference, build_reference, read_reference, write_reference
 
@@ -120,7 +120,8 @@ def fit_calibration_and_reference(run_dir: Path, model, model_name: str, reader,
     temperature, at_bound = calibration.fitted_temperature, calibration.at_bound
     if calibration.bias:
         log.info("calibration: the lesion map's threshold moved by a bias of %.3f with temperature %.3f (likelihood "
-                 "ratio %.1f > 5.99)", calibration.bias, calibration.temperature, calibration.likelihood_ratio)
+                 "ratio %.1f > %.2f)", calibration.bias, calibration.temperature, calibration.likelihood_ratio,
+                 LIKELIHOOD_RATIO_CRITICAL_2)
     elif calibration.temperature != temperature:
         log.info("calibration: the validation split does not support a temperature other than 1 (fitted %.3f, "
                  "likelihood ratio %.2f < %.2f): the probabilities are served as the network gives them",
