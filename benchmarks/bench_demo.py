@@ -49,6 +49,9 @@ ARMS = {  # name: (cache shape, fit flags beyond the demo's)
     "64x16-w0.5-e16-rms": ((64, 64, 16), ["--epochs", "16", "--width", "0.5", "--augment", "rotate-mirror-shift"]),
     # the demo's phantoms written with their lesion masks (`synth --masks`): `fit` trains the lesion-map model
     "64x16-w0.5-e16-masks": ((64, 64, 16), ["--epochs", "16", "--width", "0.5"], ["--masks"]),
+    # the same, its call's offset learned by gradient alone, as before --call-offset refit
+    "64x16-w0.5-e16-masks-learned": ((64, 64, 16), ["--epochs", "16", "--width", "0.5", "--call-offset", "learned"],
+                                     ["--masks"]),
 }
 
 

@@ -78,8 +78,10 @@ ARMS = {  # name: (build --crop, fit --batch-size, more fit flags[, build --hu-w
     "crop-b8-masks25": ("lungs", 8, []),
     "crop-b8-masks-lr1e-3": ("lungs", 8, ["--lr", "1e-3"]),  # the lesion map's default rate since it was measured
     "crop-b8-masks-lr3e-4": ("lungs", 8, ["--lr", "3e-4"]),  # the default recipe's rate, the lesion map's before
+    "crop-b8-masks-learned": ("lungs", 8, ["--call-offset", "learned"]),  # the call's offset as before refit
 }
-MASK_ARMS = {"crop-b8-masks": 1, "crop-b8-masks25": 4, "crop-b8-masks-lr1e-3": 1, "crop-b8-masks-lr3e-4": 1}  # their caches hold the masks of every Nth abnormal scan
+MASK_ARMS = {"crop-b8-masks": 1, "crop-b8-masks25": 4, "crop-b8-masks-lr1e-3": 1, "crop-b8-masks-lr3e-4": 1,
+             "crop-b8-masks-learned": 1}  # their caches hold the masks of every Nth abnormal scan
 BANDS = ((0.001, 0.01), (0.01, 0.05), (0.05, 0.25))
 BAND_SET = (303, ("0.1", "25"))  # synth seed and --involvement of the phantoms the bands are measured on
 

@@ -62,6 +62,8 @@ ARMS = {  # name: fit flags
     "lr1e-3-avgmax": ["--lr", "1e-3", "--pooling", "avgmax"],
     "precise-best": ["--keep", "best"],  # the default until --keep: the epoch of the best validation AUC
     "precise": [],  # the default recipe
+    # a set with masks (the lesion map) only: its call's offset learned by gradient alone, as before refit
+    "precise-learned": ["--call-offset", "learned"],
 }
 DEGENERATE_WINDOW = 20
 TARGET_AUC = 0.95
@@ -84,12 +86,16 @@ def check_arm(run_dir: Path, flags: list[str]) -> None:
     recorded = json.loads((run_dir / "config.json").read_text())["options"]
     wanted = {name: value for name, value in recipe_choices(flags).items() if name != "keep"}
     if recorded.get("lesion_weight"):  # a lesion-map run (a set with masks): its own defaults (train/fit.py)
-        from train.network.lesions import LESION_MAP_LEARNING_RATE, LESION_MAP_PRECISE_BN_SCANS
+        from train.network.lesions import LESION_MAP_CALL_OFFSET, LESION_MAP_LEARNING_RATE, LESION_MAP_PRECISE_BN_SCANS
 
         if "--precise-bn-scans" not in flags:
             wanted["precise_bn_scans"] = LESION_MAP_PRECISE_BN_SCANS
         if "--lr" not in flags:
             wanted["learning_rate"] = LESION_MAP_LEARNING_RATE
+        # a run from before --call-offset learned its call's offset (train.options.changed_options)
+        recorded.setdefault("call_offset", "learned")
+        wanted["call_offset"] = LESION_MAP_CALL_OFFSET if "--call-offset" not in flags else \
+            flags[flags.index("--call-offset") + 1]
     differing = {name: (recorded.get(name), value) for name, value in wanted.items()
                  if recorded.get(name) != value and not (name == "precision" and value == "auto")}
     if differing:

@@ -69,6 +69,17 @@ def finite_float(text: str) -> float:
     return _parse(float, text, "a number")
 
 
+def within(parse, minimum, maximum):
+    """An argparse type: `parse`, then refuse values outside [minimum, maximum] (before any heavy import)."""
+    def parse_within(text: str):
+        value = parse(text)
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be from {minimum} to {maximum}, got {text}")
+        return value
+
+    return parse_within
+
+
 def _parse(kind, text: str, description: str):
     try:
         value = kind(text)

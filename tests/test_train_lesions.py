@@ -237,3 +237,99 @@ def test_a_negative_slope_is_held_at_zero():
     # labels against the input: the gradient pushes the slope below zero, the constraint holds it there
     model.train_on_batch(np.array([[5.0], [-5.0]], np.float32), np.array([[0.0], [1.0]], np.float32))
     assert float(model.layers[-1].kernel[0, 0]) == 0.0
+
+
+def test_the_call_offset_is_the_balanced_cross_entropys_minimum_even_on_separable_scans():
+    from scipy.optimize import minimize_scalar
+
+    from train.loop.call_refit import best_offset
+
+    def balanced_loss(offset, tops, labels, slope):
+        logits = slope * tops + offset
+        per_scan = np.logaddexp(0, -logits) * labels + np.logaddexp(0, logits) * (1 - labels)
+        return 0.5 * per_scan[labels == 1].mean() + 0.5 * per_scan[labels == 0].mean()
+
+    rng = np.random.default_rng(0)
+    cases = [  # overlapping; separable (every normal below every abnormal); far from 0; unequal counts
+        (np.r_[rng.normal(0, 1, 30), rng.normal(1, 1, 30)], np.r_[np.zeros(30), np.ones(30)], 1.0),
+        (np.r_[rng.uniform(2, 4, 20), rng.uniform(6, 9, 20)], np.r_[np.zeros(20), np.ones(20)], 1.5),
+        (np.r_[rng.normal(40, 2, 50), rng.normal(45, 2, 7)], np.r_[np.zeros(50), np.ones(7)], 0.3),
+    ]
+    for tops, labels, slope in cases:
+        offset = best_offset(tops, labels, slope)
+        reference = minimize_scalar(balanced_loss, args=(tops, labels, slope), bracket=(-100, 100), tol=1e-12).x
+        assert offset == pytest.approx(reference, abs=1e-4)
+        for step in (-0.01, 0.01):
+            assert balanced_loss(offset, tops, labels, slope) < balanced_loss(offset + step, tops, labels, slope)
+    # separable scans: the offset puts the 0.5 between the classes, where a learned 0 left every scan abnormal
+    tops, labels, slope = cases[1]
+    assert -slope * 4 > best_offset(tops, labels, slope) > -slope * 6
+    with pytest.raises(ValueError, match="both classes"):
+        best_offset(np.array([1.0, 2.0]), np.array([1.0, 1.0]), 1.0)
+
+
+def test_the_call_is_refit_from_a_balanced_seeded_choice_of_training_scans():
+    from train.loop.call_refit import call_refit_rows
+
+    rows = np.arange(100, 160)
+    classes = (np.arange(60) % 3 == 0).astype(int)  # 20 abnormal, 40 normal
+    chosen, chosen_classes = call_refit_rows(rows, classes, 16, seed=3)
+    assert np.all(np.diff(chosen) > 0) and set(chosen) <= set(rows)
+    np.testing.assert_array_equal(chosen_classes, classes[chosen - 100])
+    assert (chosen_classes == 0).sum() == 16 and (chosen_classes == 1).sum() == 16
+    again, _ = call_refit_rows(rows, classes, 16, seed=3)
+    np.testing.assert_array_equal(chosen, again)  # every worker and a resume read the same scans
+    assert not np.array_equal(chosen, call_refit_rows(rows, classes, 16, seed=4)[0])
+    few, few_classes = call_refit_rows(rows, classes, 30, seed=3)  # fewer abnormal than asked: all of them
+    assert (few_classes == 1).sum() == 20 and (few_classes == 0).sum() == 30
+
+
+def test_each_validation_sees_the_call_offset_refit_from_training_scans_and_learned_keeps_it(masked, tmp_path):
+    """The checkpoint of an epoch holds the offset set before its validation: `best_offset` of its own
+    largest cell logits on the training scans (here all of them: fewer than 64 a class), unrotated,
+    in inference mode. With --call-offset learned the offset is gradient descent's, which is not that."""
+    from train.loop.call_refit import best_offset
+    from train.network.model import TOP_LOGIT
+    from train.pipeline.data import make_evaluation_dataset
+
+    _, cache = masked
+    offsets = {}
+    for choice in ("refit", "learned"):
+        run_dir = tmp_path / choice
+        fit_model(options(cache, run_dir, call_offset=None if choice == "refit" else choice))
+        assert json.loads((run_dir / "config.json").read_text())["options"]["call_offset"] == choice
+        model = keras.saving.load_model(run_dir / "last-epoch-0002.keras", compile=False)
+        with CacheReader(cache) as reader:
+            rows = reader.split("train")
+            labels = reader.labels[rows].astype(np.float32)
+            volumes = make_evaluation_dataset(reader, rows, labels, 8).map(lambda volume, label: volume)
+            top_model = keras.Model(model.input, model.get_layer(TOP_LOGIT).output)
+            tops = np.concatenate([top_model(batch, training=False).numpy().reshape(-1) for batch in volumes])
+        call = model.get_layer("probability_abnormal")
+        slope, offset = float(call.kernel[0, 0]), float(call.bias[0])
+        offsets[choice] = (offset, best_offset(tops, labels, slope))
+    assert offsets["refit"][0] == pytest.approx(offsets["refit"][1], abs=1e-4)
+    assert abs(offsets["learned"][0] - offsets["learned"][1]) > 1e-3  # 0.011 here after 2 epochs
+
+
+def test_the_call_offset_is_the_lesion_maps_and_an_older_lesion_run_resumes_with_learned(masked, tiny_cache, tmp_path):
+    _, cache = masked
+    with pytest.raises(UserError, match="--call-offset is the lesion map's"):
+        fit_model(options(tiny_cache, tmp_path / "plain", call_offset="refit"))
+    assert not (tmp_path / "plain").exists()
+    fit_model(options(cache, tmp_path / "plain-on-masks", epochs=1, lesion_weight=0.0))
+    assert json.loads((tmp_path / "plain-on-masks" / "config.json").read_text())["options"]["call_offset"] is None
+    result = run_python_module("train", "fit", str(cache), "--call-offset", "sometimes")
+    assert result.returncode == 2 and "--call-offset" in result.stderr
+    # a lesion-map run from before the option learned its offset: a plain --resume would change that, and is refused
+    run_dir = tmp_path / "older"
+    fit_model(options(cache, run_dir, epochs=1, call_offset="learned"))
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["options"]["call_offset"]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"changed: --call-offset 'learned' in the run, 'refit' now"):
+        fit_model(options(cache, run_dir, epochs=2, resume=True))
+    assert len(read_history(run_dir / "history.csv")) == 1 and "call_offset" not in json.loads(
+        (run_dir / "config.json").read_text())["options"]  # left as it was
+    fit_model(options(cache, run_dir, epochs=2, resume=True, call_offset="learned"))
+    assert len(read_history(run_dir / "history.csv")) == 2

@@ -13,13 +13,13 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from common.cli import (  # noqa: E402
     EXIT_INTERRUPTED, ArgumentParser, configure_logging, exit_with, finite_float, non_negative_int, positive_float,
-    positive_int, run_command,
+    positive_int, run_command, within,
 )
 from preprocess.cache.schema import SPLIT_NAMES  # noqa: E402
 from train.failures import describe_failure  # noqa: E402
 from train.loop.distribute import STRATEGIES  # noqa: E402
 from train.network.architecture import MAX_WIDTH, MIN_WIDTH  # noqa: E402
-from train.network.lesions import DEFAULT_LESION_WEIGHT, MAX_LESION_WEIGHT  # noqa: E402
+from train.network.lesions import CALL_OFFSETS, DEFAULT_LESION_WEIGHT, MAX_LESION_WEIGHT  # noqa: E402
 from train.network.precision import PRECISIONS  # noqa: E402
 from train.network.tasks import TASKS  # noqa: E402
 from train.rundir.listing import COLUMNS as RUN_COLUMNS  # noqa: E402
@@ -31,17 +31,6 @@ from train.options import (  # noqa: E402
 PROG = "python -m train"
 DEFAULTS = FitOptions()
 FLAG_NAMES = {"learning_rate": "lr"}  # FitOptions fields whose flag is not their name
-
-
-def within(parse, minimum, maximum):
-    """An argparse type: `parse`, then refuse values outside [minimum, maximum] (before TensorFlow is imported)."""
-    def parse_within(text: str):
-        value = parse(text)
-        if not minimum <= value <= maximum:
-            raise argparse.ArgumentTypeError(f"must be from {minimum} to {maximum}, got {text}")
-        return value
-
-    return parse_within
 
 
 def whole_number(name: str):
@@ -176,6 +165,9 @@ def add_fit_arguments(parser, run_dir_help: str, resume_help: str) -> None:
                        help="the lesion-map model, trained on the cache's lesion masks with their loss weighed W "
                        f"(default {DEFAULT_LESION_WEIGHT:g} when training scans have masks; 0: the plain "
                        "classifier)%(default).0s")
+    model.add_argument("--call-offset", choices=CALL_OFFSETS, default=DEFAULTS.call_offset,
+                       help="the lesion map's call offset: refit (its default) before each validation from training "
+                       "scans, or learned by gradient alone (runs before it)%(default).0s")
     model.add_argument("--bn-momentum", type=within(float, 0.0, 0.999999), default=DEFAULTS.bn_momentum,
                        metavar="M", help="momentum of BatchNorm's moving statistics; from the recipe%(default).0s")
 

@@ -22,7 +22,9 @@ from preprocess.cache import CacheReader
 from train.loop.distribute import ClusterRole, read_cluster_role
 from train.tensorflow_import import load_tensorflow
 from train.network.architecture import check_input_shape
-from train.network.lesions import LESION_MAP_LEARNING_RATE, LESION_MAP_PRECISE_BN_SCANS, resolve_lesion_weight
+from train.network.lesions import (
+    LESION_MAP_LEARNING_RATE, LESION_MAP_PRECISE_BN_SCANS, resolve_call_offset, resolve_lesion_weight,
+)
 from train.network.memory import check_step_fits
 from train.network.precision import PrecisionChoice, check_precision_supported, resolve_precision
 from train.network.scores import compute_separation
@@ -62,6 +64,7 @@ def fit_model(options: FitOptions) -> FitReport:
         if options.lesion_weight:  # the lesion map's defaults (docs/training.md)
             options = replace(options, **({} if precise_bn_given else {"precise_bn_scans": LESION_MAP_PRECISE_BN_SCANS}),
                               **({} if rate_given else {"learning_rate": LESION_MAP_LEARNING_RATE}))
+        options = replace(options, call_offset=resolve_call_offset(options.call_offset, bool(options.lesion_weight)))
         if not reader.has_lungs:
             log.warning("%s has no lung boxes (a version-%d cache, built before the lung crop): training on whole "
                         "scans; `preprocess build --force` crops them to the lungs", options.cache,

@@ -86,6 +86,9 @@ class FitOptions:
     # the lesion-cell loss's weight (train.network.lesions); None: 20 when training scans have lesion
     # masks, else 0 (the plain classifier); `fit` records the resolved value
     lesion_weight: float | None = None
+    # the lesion map's call offset (train.network.lesions.CALL_OFFSETS); None: refit for a lesion-map run,
+    # and None recorded for the plain model, which has no such call
+    call_offset: str | None = None
     # cross-validation (set by `train cv`, not a `fit` flag): train on every fold of the train and
     # validation rows but `fold` (1-based), validate on that one, and leave the test split alone
     fold: int | None = None
@@ -165,6 +168,8 @@ def changed_options(recorded: dict, options: FitOptions) -> list[str]:
     # a run from before --width, --norm or --augment trained the tutorial's width, BatchNorm and rotations
     # and before lesion masks, no lesion map
     recorded = {"width": 1.0, "norm": "batch", "augment": "rotate", "lesion_weight": 0.0, **recorded}
+    # and a lesion-map run from before --call-offset learned its call's offset by gradient alone
+    recorded = {"call_offset": "learned" if recorded["lesion_weight"] else None, **recorded}
     return [
         f"--{name.replace('_', '-')} {recorded.get(name)!r} in the run, {current[name]!r} now"
         for name in current

@@ -17,12 +17,13 @@ from train.pipeline.data import (
     sample_weights_of, steps_per_epoch,
 )
 from train.loop.events import ScalarEventLogger
+from train.loop.call_refit import CALL_REFIT_SCANS_PER_CLASS, RefitCall, call_refit_rows
 from train.loop.precise_bn import PreciseBatchNorm, precise_bn_rows
 from train.loop.recorder import RunRecorder, set_random_generator_states
 from train.network.architecture import lesion_cell_grid, scaled
 from train.network.lesion_training import FlatLogNames, LesionTargets, lesion_cells_loss
 from train.network.lesions import LESION_OUTPUT, PROBABILITY_OUTPUT
-from train.network.model import build_model
+from train.network.model import TOP_LOGIT, build_model
 from train.network.precision import needs_loss_scaling
 from train.options import FitOptions
 from train.pipeline.folds import rows_and_classes
@@ -165,6 +166,13 @@ def make_precise_bn_batches(reader: CacheReader, train_rows: np.ndarray, options
         lambda volume, label: volume)
 
 
+def make_call_refit_batches(reader: CacheReader, train_rows: np.ndarray, train_classes: np.ndarray,
+                            options: FitOptions) -> tf.data.Dataset:
+    """The (volume, label) batches the lesion map's call offset is fitted from: `call_refit_rows`, unrotated."""
+    rows, classes = call_refit_rows(train_rows, train_classes, CALL_REFIT_SCANS_PER_CLASS, options.seed)
+    return make_evaluation_dataset(reader, rows, classes.astype(np.float32), options.batch_size)
+
+
 def run_training(reader: CacheReader, run_dir: Path, options: FitOptions, state: TrainingState,
                  history: list[dict], strategy, is_chief: bool = True) -> TrainingState:
     """Train from state.completed_epochs to options.epochs (or an early stop); returns the final state.
@@ -216,6 +224,10 @@ def run_training(reader: CacheReader, run_dir: Path, options: FitOptions, state:
     if options.precise_bn_scans:
         # first: the statistics are re-estimated before any other callback sees the validation
         callbacks.insert(0, PreciseBatchNorm(make_precise_bn_batches(reader, train_rows, options)))
+    if options.call_offset == "refit":  # after PreciseBN: the offset is fitted to the statistics validation uses
+        callbacks.insert(1 if options.precise_bn_scans else 0,
+                         RefitCall(make_call_refit_batches(reader, train_rows, train_classes, options),
+                                   PROBABILITY_OUTPUT, TOP_LOGIT))
     if lesions is not None:
         callbacks.insert(0, FlatLogNames())
     counts = ", ".join(f"{int(np.sum(train_classes == index))} {name}" for index, name in enumerate(task.class_names))

@@ -36,6 +36,13 @@ LESION_MAP_PRECISE_BN_SCANS = 0
 # at 1e-3, validation AUC 0.95 reached in 2 of 3 seeds (0 at 3e-4), its 18-scan test split 0.963 -> 0.942;
 # docs/benchmarks.md, "The lesion map's rate".
 LESION_MAP_LEARNING_RATE = 1e-3
+# How the lesion map's call sets its offset (where P(abnormal) crosses 0.5 on the largest cell logit):
+# refit before each validation from training scans (`train.loop.call_refit`), or learned by gradient
+# alone, as runs before it did. On the demo's phantoms, 5 seeds, refit took the degenerate validation
+# epochs from 2-4 a run to 0, and on 0.1-1% lesions the two were level within 5 seeds' spread
+# (docs/benchmarks.md, "The call's offset refit before each validation").
+CALL_OFFSETS = ("refit", "learned")
+LESION_MAP_CALL_OFFSET = "refit"
 
 
 def masks_known(labels: np.ndarray, has_mask: np.ndarray) -> np.ndarray:
@@ -61,6 +68,19 @@ def resolve_lesion_weight(requested: float | None, masked_training_rows: int, ta
         raise UserError(f"--lesion-weight {requested:g} needs lesion masks, and no training scan of this cache has "
                         "one (build it with masks: docs/your-data.md)")
     return float(requested)
+
+
+def resolve_call_offset(requested: str | None, lesion_map: bool) -> str | None:
+    """The run's --call-offset: `LESION_MAP_CALL_OFFSET` unless given for a lesion-map run; None for the plain
+    model, which has no such call."""
+    if requested is not None and requested not in CALL_OFFSETS:
+        raise UserError(f"--call-offset must be one of {', '.join(CALL_OFFSETS)}, got {requested!r}")
+    if not lesion_map:
+        if requested is not None:
+            raise UserError("--call-offset is the lesion map's (a cache with lesion masks and a lesion weight above 0); "
+                            "the plain classifier has no such call")
+        return None
+    return requested or LESION_MAP_CALL_OFFSET
 
 
 def history_name(name: str) -> str:

@@ -15,6 +15,7 @@ GROUPS = 8  # GroupNorm's groups (Wu and He's 32 is for 2D networks with many mo
 # cells' logits, fixed the demo's first epochs but cost the 0.1-1% lesions (docs/benchmarks.md,
 # "The lesion map's threshold during training").
 CALL_RATE = 20.0
+TOP_LOGIT = "lesion_top"  # the layer giving the call its input, the largest cell logit (train.loop.call_refit)
 
 
 @keras.saving.register_keras_serializable(package="mosmed3d", name="TopLogitCall")
@@ -106,7 +107,7 @@ def build_model(input_shape: tuple[int, int, int], padding: str = "valid", preci
                                  dtype=precision, name="lesion_context")(features)
         logits = layers.Conv3D(1, 1, dtype="float32", name="lesion_logits")(features)
         cells = layers.Activation("sigmoid", dtype="float32", name=LESION_OUTPUT)(logits)
-        top = layers.GlobalMaxPooling3D(dtype="float32", name="lesion_top")(logits)
+        top = layers.GlobalMaxPooling3D(dtype="float32", name=TOP_LOGIT)(logits)
         # increasing in the top cell's logit (slope from 1): a free sign would be a coin flip of the
         # initialisation, and a negative one sets the label's loss against the masks'
         probability = TopLogitCall(CALL_RATE, dtype="float32", name=PROBABILITY_OUTPUT)(top)
