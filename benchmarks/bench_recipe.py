@@ -86,16 +86,12 @@ def check_arm(run_dir: Path, flags: list[str]) -> None:
     recorded = json.loads((run_dir / "config.json").read_text())["options"]
     wanted = {name: value for name, value in recipe_choices(flags).items() if name != "keep"}
     if recorded.get("lesion_weight"):  # a lesion-map run (a set with masks): its own defaults (train/fit.py)
-        from train.network.lesions import LESION_MAP_CALL_OFFSET, LESION_MAP_LEARNING_RATE, LESION_MAP_PRECISE_BN_SCANS
+        from train.network.lesions import CALL_OFFSET_BEFORE, lesion_map_choices, resolve_call_offset
 
-        if "--precise-bn-scans" not in flags:
-            wanted["precise_bn_scans"] = LESION_MAP_PRECISE_BN_SCANS
-        if "--lr" not in flags:
-            wanted["learning_rate"] = LESION_MAP_LEARNING_RATE
-        # a run from before --call-offset learned its call's offset (train.options.changed_options)
-        recorded.setdefault("call_offset", "learned")
-        wanted["call_offset"] = LESION_MAP_CALL_OFFSET if "--call-offset" not in flags else \
-            flags[flags.index("--call-offset") + 1]
+        wanted.update(lesion_map_choices("--precise-bn-scans" in flags, "--lr" in flags))
+        recorded.setdefault("call_offset", CALL_OFFSET_BEFORE)  # a run from before the option
+        given = flags[flags.index("--call-offset") + 1] if "--call-offset" in flags else None
+        wanted["call_offset"] = resolve_call_offset(given, lesion_map=True)
     differing = {name: (recorded.get(name), value) for name, value in wanted.items()
                  if recorded.get(name) != value and not (name == "precision" and value == "auto")}
     if differing:

@@ -22,9 +22,7 @@ from preprocess.cache import CacheReader
 from train.loop.distribute import ClusterRole, read_cluster_role
 from train.tensorflow_import import load_tensorflow
 from train.network.architecture import check_input_shape
-from train.network.lesions import (
-    LESION_MAP_LEARNING_RATE, LESION_MAP_PRECISE_BN_SCANS, resolve_call_offset, resolve_lesion_weight,
-)
+from train.network.lesions import lesion_map_choices, resolve_call_offset, resolve_lesion_weight
 from train.network.memory import check_step_fits
 from train.network.precision import PrecisionChoice, check_precision_supported, resolve_precision
 from train.network.scores import compute_separation
@@ -61,9 +59,8 @@ def fit_model(options: FitOptions) -> FitReport:
         masked_rows = reader.lesion_mask_rows[np.concatenate([reader.split("train"), reader.split("val")])]
         options = replace(options, lesion_weight=resolve_lesion_weight(
             options.lesion_weight, int(masked_rows.sum()), options.task == "binary"))
-        if options.lesion_weight:  # the lesion map's defaults (docs/training.md)
-            options = replace(options, **({} if precise_bn_given else {"precise_bn_scans": LESION_MAP_PRECISE_BN_SCANS}),
-                              **({} if rate_given else {"learning_rate": LESION_MAP_LEARNING_RATE}))
+        if options.lesion_weight:
+            options = replace(options, **lesion_map_choices(precise_bn_given, rate_given))
         options = replace(options, call_offset=resolve_call_offset(options.call_offset, bool(options.lesion_weight)))
         if not reader.has_lungs:
             log.warning("%s has no lung boxes (a version-%d cache, built before the lung crop): training on whole "

@@ -7,7 +7,7 @@ from pathlib import Path
 from common.errors import UserError
 from train.loop.distribute import STRATEGIES
 from train.network.architecture import MAX_WIDTH, MIN_WIDTH
-from train.network.lesions import MAX_LESION_WEIGHT
+from train.network.lesions import CALL_OFFSET_BEFORE, MAX_LESION_WEIGHT
 from train.network.precision import PRECISIONS
 from train.network.tasks import TASKS
 from train.rundir.layout import KEEPS
@@ -169,7 +169,7 @@ def changed_options(recorded: dict, options: FitOptions) -> list[str]:
     # and before lesion masks, no lesion map
     recorded = {"width": 1.0, "norm": "batch", "augment": "rotate", "lesion_weight": 0.0, **recorded}
     # and a lesion-map run from before --call-offset learned its call's offset by gradient alone
-    recorded = {"call_offset": "learned" if recorded["lesion_weight"] else None, **recorded}
+    recorded = {"call_offset": CALL_OFFSET_BEFORE if recorded["lesion_weight"] else None, **recorded}
     return [
         f"--{name.replace('_', '-')} {recorded.get(name)!r} in the run, {current[name]!r} now"
         for name in current

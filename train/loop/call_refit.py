@@ -81,5 +81,6 @@ class RefitCall(keras.callbacks.Callback):
             tops.append(np.asarray(self.tops(volumes), np.float64).reshape(-1))
             labels.append(np.asarray(batch_labels, np.float64).reshape(-1))
         call = self.model.get_layer(self.call_layer)
-        offset = best_offset(np.concatenate(tops), np.concatenate(labels), float(np.asarray(call.kernel).reshape(-1)[0]))
+        slope = float(np.asarray(call.kernel).reshape(-1)[0])
+        offset = best_offset(np.concatenate(tops), np.concatenate(labels), slope)
         call.offset.assign(np.full(call.offset.shape, offset / call.rate, np.float32))

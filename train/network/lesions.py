@@ -43,6 +43,7 @@ LESION_MAP_LEARNING_RATE = 1e-3
 # (docs/benchmarks.md, "The call's offset refit before each validation").
 CALL_OFFSETS = ("refit", "learned")
 LESION_MAP_CALL_OFFSET = "refit"
+CALL_OFFSET_BEFORE = "learned"  # what a lesion-map run from before --call-offset did (its config lacks it)
 
 
 def masks_known(labels: np.ndarray, has_mask: np.ndarray) -> np.ndarray:
@@ -68,6 +69,13 @@ def resolve_lesion_weight(requested: float | None, masked_training_rows: int, ta
         raise UserError(f"--lesion-weight {requested:g} needs lesion masks, and no training scan of this cache has "
                         "one (build it with masks: docs/your-data.md)")
     return float(requested)
+
+
+def lesion_map_choices(precise_bn_given: bool, rate_given: bool) -> dict:
+    """The training choices a lesion-map run makes where no flag set them, instead of its recipe's
+    (docs/training.md): no PreciseBN, peak rate 1e-3."""
+    return {**({} if precise_bn_given else {"precise_bn_scans": LESION_MAP_PRECISE_BN_SCANS}),
+            **({} if rate_given else {"learning_rate": LESION_MAP_LEARNING_RATE})}
 
 
 def resolve_call_offset(requested: str | None, lesion_map: bool) -> str | None:

@@ -23,7 +23,8 @@ from common.files import read_json
 from train.network.tasks import Task, task_from_config
 from train.rundir.layout import CV_SUMMARY, METRICS, fold_dir, fold_dirs, model_path, open_run
 from train.trust.calibration import (
-    LIKELIHOOD_RATIO_CRITICAL, LIKELIHOOD_RATIO_CRITICAL_2, Calibration, calibrate, probabilities_from_logits, read_calibration, write_calibration,
+    LIKELIHOOD_RATIO_CRITICAL, LIKELIHOOD_RATIO_CRITICAL_2, Calibration, calibrate, probabilities_from_logits,
+    read_calibration, write_calibration,
 )
 from train.trust.ood import Reference, build_reference, read_reference, write_reference
 
